@@ -1,0 +1,70 @@
+"""What a sampling call did: per-sample compute masks, NFE and the criterion's signal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["SkipReport"]
+
+
+@dataclass(frozen=True)
+class SkipReport:
+    """The record of one sampling call with N steps over a batch of B samples.
+
+    computed:    [B, N] bool, whether sample b's step k called the model.
+    nfe:         [B] int, model evaluations per sample (= computed.sum(1)).
+    model_calls: number of times the model function was invoked (a call may carry a subset of rows).
+    scores:      [B, N] the criterion value that decided call k (NaN where nothing was decided:
+                 warm-up, fixed masks). Skip iff score <= delta (reference) or < delta (paper).
+    capped:      [B, N] bool, call k computed because ``max_skips`` consecutive skips were reached.
+    stats:       [B, N, 3] of latent x_i (the output of step i), in the measured space:
+                 mean|x_i - x_{i-1}|, ||x_i - x_{i-1}||_2, ||x_i - 3x_{i-1} + 3x_{i-2} - x_{i-3}||_2
+                 (NaN where the history does not reach or the criterion does not need it).
+    sampler, policy, space: what produced it.
+    """
+
+    computed: np.ndarray
+    model_calls: int
+    scores: np.ndarray
+    capped: np.ndarray
+    stats: np.ndarray
+    sampler: str
+    policy: str
+    space: str | None
+    nfe: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nfe", self.computed.sum(axis=1))
+
+    @property
+    def num_steps(self) -> int:
+        return self.computed.shape[1]
+
+    @property
+    def speedup(self) -> np.ndarray:
+        """Steps per model evaluation, per sample (the paper's speedup in model calls)."""
+        return self.num_steps / self.nfe
+
+    def skipped_steps(self, row: int = 0) -> list[int]:
+        return np.flatnonzero(~self.computed[row]).tolist()
+
+    def summary(self) -> str:
+        nfe = self.nfe
+        return (
+            f"{self.sampler}, {self.policy}: {self.num_steps} steps, NFE per sample "
+            f"{nfe.min()}..{nfe.max()} (mean {nfe.mean():.1f}), {self.model_calls} model calls"
+        )
+
+    def plot(self, ax=None, title: str | None = None):
+        """Heat map of the compute mask (rows: samples, columns: steps). Needs matplotlib."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(max(4, self.num_steps / 6), max(1.5, len(self.nfe) / 3)))
+        ax.imshow(self.computed, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xlabel("step (dark: model called)")
+        ax.set_ylabel("sample")
+        ax.set_title(title or self.summary(), fontsize=8)
+        return ax

@@ -1,0 +1,197 @@
+"""One sampling call's skipping machinery: input checks, skip decisions, the model proxy, the report.
+
+Every sampling loop (the library's own and the k-diffusion wrapper) creates a ``SkipRun`` per
+call and asks it for the denoiser output of each step. The run
+
+* checks the inputs once (clear errors naming the argument);
+* asks the policy's controller which rows call the model (one device-to-host read per step);
+* calls the model on exactly those rows (gather, call, scatter; batch-leading tensors in
+  ``extra_args`` are sliced alike) and checks what comes back;
+* answers skipped rows with ``x - sigma * eps_prev``: the previous noise prediction, re-expressed
+  at the current latent and sigma. Reuse is of eps, never of the cached x0 (SPEC.md);
+* builds the ``SkipReport``.
+
+State lives on the instance only, so a failed call leaves nothing behind and concurrent calls
+(threads) do not interact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .criteria import NonFiniteLatent, SkipController, SkipPolicy
+from .report import SkipReport
+
+__all__ = ["SkipRun", "check_sigmas", "check_latent", "slice_rows"]
+
+
+def check_latent(x: Any, name: str = "x") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {got}")
+    if x.ndim < 2 or x.shape[0] < 1 or x.numel() == 0:
+        raise ValueError(f"{name} must be shaped [batch, ...] with at least one data dimension, got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} holds NaN or Inf")
+    return x
+
+
+def check_sigmas(sigmas: Any, name: str = "sigmas") -> torch.Tensor:
+    """Validate a sigma schedule; returns a float64 CPU copy (one read at the start of a call)."""
+    if not isinstance(sigmas, torch.Tensor):
+        try:
+            sigmas = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must be a 1-D tensor of noise levels") from e
+    if sigmas.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(sigmas.shape)}")
+    if len(sigmas) < 2:
+        raise ValueError(f"{name} needs at least 2 entries (one step), got {len(sigmas)}")
+    host = sigmas.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(host).all()):
+        raise ValueError(f"{name} holds NaN or Inf")
+    if not bool((host[1:] < host[:-1]).all()):
+        raise ValueError(f"{name} must be strictly decreasing")
+    if not bool((host[:-1] > 0).all()) or host[-1] < 0:
+        raise ValueError(f"{name} must be positive (only the last may be 0)")
+    return host
+
+
+def slice_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """Select ``rows`` of every tensor whose first dimension is the batch size, recursively
+    through dicts, lists and tuples; anything else passes unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows.to(value.device)) if value.ndim and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: slice_rows(v, rows, batch) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [slice_rows(v, rows, batch) for v in value]
+        return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
+    return value
+
+
+def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a [B] tensor against a [B, ...] one."""
+    return t.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class SkipRun:
+    """The per-call skipping state. See the module docstring."""
+
+    def __init__(
+        self,
+        model: Callable[..., torch.Tensor],
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        extra_args: dict | None,
+        skip: SkipPolicy | None,
+        sampler: str,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, sigma, **extra_args), got {type(model).__name__}")
+        check_latent(x)
+        self.sigmas = check_sigmas(sigmas)
+        if extra_args is not None and not isinstance(extra_args, dict):
+            raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
+        if skip is not None and not callable(getattr(skip, "start", None)):
+            raise TypeError(f"skip must be a skip policy (ThirdOrder, FixedMask, ...) or None, got {skip!r}")
+        from .criteria import FixedMask
+
+        self.model = model
+        self.extra_args = extra_args or {}
+        self.sampler = sampler
+        self.policy = skip
+        self.num_steps = len(self.sigmas) - 1
+        self.batch = x.shape[0]
+        self.controller: SkipController = (skip or FixedMask(np.ones(self.num_steps, bool))).start(
+            x, self.num_steps, sampler
+        )
+        self.eps: torch.Tensor | None = None  # noise prediction of each row's latest model call
+        self.model_calls = 0
+        self.last_output: torch.Tensor | None = None
+        self.last_computed = np.ones(self.batch, dtype=bool)
+
+    def denoise(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The denoiser output for step ``step`` at latent x and noise level ``sigma`` ([B]).
+
+        Rows the policy lets skip get ``x - sigma * eps_prev``; the others call the model.
+        """
+        try:
+            compute = self.controller.decide(step, x, sigma)
+        except NonFiniteLatent as e:
+            raise self._non_finite_error(e) from None
+        self.last_computed = compute
+        if compute.all():
+            denoised = self._call_model(step, x, sigma, self.extra_args, None)
+            if self.controller.can_skip:
+                self.eps = (x - denoised) / _rows(sigma, x)
+            return denoised
+        sigma_rows = _rows(sigma, x)
+        denoised = x - sigma_rows * self.eps
+        if compute.any():
+            rows = torch.from_numpy(np.flatnonzero(compute)).to(x.device)
+            x_rows = x.index_select(0, rows)
+            extra = slice_rows(self.extra_args, rows, self.batch)
+            out = self._call_model(step, x_rows, sigma.index_select(0, rows), extra, rows)
+            denoised.index_copy_(0, rows, out)
+            self.eps.index_copy_(0, rows, (x_rows - out) / sigma_rows.index_select(0, rows))
+        return denoised
+
+    def call_model(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """An extra model call that is never skipped (the second call of a two-call step).
+
+        Its eps becomes the one the next skipped call reuses.
+        """
+        denoised = self._call_model(step, x, sigma, self.extra_args, None)
+        if self.controller.can_skip:
+            self.eps = (x - denoised) / _rows(sigma, x)
+        return denoised
+
+    def _call_model(self, step, x, sigma, extra, rows) -> torch.Tensor:
+        out = self.model(x, sigma, **extra)
+        self.model_calls += 1
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype:
+            got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"model returned {got} at step {step}; expected a tensor of the input's shape "
+                f"{tuple(x.shape)} and dtype {x.dtype}"
+            )
+        self.last_output = out
+        return out
+
+    def _non_finite_error(self, e: NonFiniteLatent) -> FloatingPointError:
+        step = e.step - 1
+        sigma = float(self.sigmas[step])
+        if self.last_output is not None and not bool(torch.isfinite(self.last_output).all()):
+            what = "the model returned NaN/Inf"
+        elif not self.last_computed.all():
+            what = "the latent became NaN/Inf (skipped call: the update overflowed)"
+        else:
+            what = "the latent became NaN/Inf (the solver update overflowed)"
+        return FloatingPointError(f"{what} at step {step} (sigma={sigma:.6g}), batch rows {e.rows.tolist()}")
+
+    def finish(self, x: torch.Tensor, sigma: torch.Tensor) -> SkipReport:
+        """Check the final latent and assemble the report."""
+        try:
+            self.controller.finish(x, sigma)
+        except NonFiniteLatent as e:
+            raise self._non_finite_error(e) from None
+        c = self.controller
+        return SkipReport(
+            computed=c.computed.copy(),
+            model_calls=self.model_calls,
+            scores=c.state.scores.T.cpu().numpy(),
+            capped=c.capped.copy(),
+            stats=c.state.stats.transpose(0, 1).cpu().numpy(),
+            sampler=self.sampler,
+            policy=repr(self.policy) if self.policy is not None else "no skipping",
+            space=c.space,
+        )
+
+    def sigma_rows(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        """sigmas[step] as a [B] tensor on x's device and dtype (the model's sigma argument,
+        the value k-diffusion's ``sigmas[i] * s_in`` gives)."""
+        return x.new_full((self.batch,), float(self.sigmas[step]))
