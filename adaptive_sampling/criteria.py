@@ -181,6 +181,7 @@ class SkipController:
     def can_skip(self) -> bool:
         return self.fixed is not None or self.rule.criterion != self._ks.NONE
 
+    @torch.no_grad()
     def _observe(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:
         """Push x into the bounded history and run the kernel; returns the host flag bytes."""
         acc = self.state.prev_d.dtype

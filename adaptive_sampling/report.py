@@ -14,8 +14,10 @@ class SkipReport:
     """The record of one sampling call with N steps over a batch of B samples.
 
     computed:    [B, N] bool, whether sample b's step k called the model.
-    nfe:         [B] int, model evaluations per sample (= computed.sum(1)).
+    nfe:         [B] int, model evaluations per sample: computed.sum(1) + extra_evaluations.
     model_calls: number of times the model function was invoked (a call may carry a subset of rows).
+    extra_evaluations: evaluations per sample that are never skipped (the second call of each
+                 step of a two-call sampler such as Heun; 0 for one-call samplers).
     scores:      [B, N] the criterion value that decided call k (NaN where nothing was decided:
                  warm-up, fixed masks). Skip iff score <= delta (reference) or < delta (paper).
     capped:      [B, N] bool, call k computed because ``max_skips`` consecutive skips were reached.
@@ -33,10 +35,11 @@ class SkipReport:
     sampler: str
     policy: str
     space: str | None
+    extra_evaluations: int = 0
     nfe: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "nfe", self.computed.sum(axis=1))
+        object.__setattr__(self, "nfe", self.computed.sum(axis=1) + self.extra_evaluations)
 
     @property
     def num_steps(self) -> int:
@@ -44,8 +47,9 @@ class SkipReport:
 
     @property
     def speedup(self) -> np.ndarray:
-        """Steps per model evaluation, per sample (the paper's speedup in model calls)."""
-        return self.num_steps / self.nfe
+        """Model evaluations without skipping over those made, per sample (steps / NFE for
+        one-call samplers: the paper's speedup in model calls)."""
+        return (self.num_steps + self.extra_evaluations) / self.nfe
 
     def skipped_steps(self, row: int = 0) -> list[int]:
         return np.flatnonzero(~self.computed[row]).tolist()

@@ -111,21 +111,24 @@ class SkipRun:
         )
         self.eps: torch.Tensor | None = None  # noise prediction of each row's latest model call
         self.model_calls = 0
+        self.extra_evaluations = 0  # per-row evaluations outside the skippable calls
         self.last_output: torch.Tensor | None = None
         self.last_computed = np.ones(self.batch, dtype=bool)
 
-    def denoise(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def denoise(self, step: int, x: torch.Tensor, sigma: torch.Tensor, extra_args: dict | None = None) -> torch.Tensor:
         """The denoiser output for step ``step`` at latent x and noise level ``sigma`` ([B]).
 
         Rows the policy lets skip get ``x - sigma * eps_prev``; the others call the model.
+        ``extra_args`` defaults to the ones the run was started with.
         """
+        extra_args = self.extra_args if extra_args is None else extra_args
         try:
             compute = self.controller.decide(step, x, sigma)
         except NonFiniteLatent as e:
             raise self._non_finite_error(e) from None
         self.last_computed = compute
         if compute.all():
-            denoised = self._call_model(step, x, sigma, self.extra_args, None)
+            denoised = self._call_model(step, x, sigma, extra_args)
             if self.controller.can_skip:
                 self.eps = (x - denoised) / _rows(sigma, x)
             return denoised
@@ -134,23 +137,25 @@ class SkipRun:
         if compute.any():
             rows = torch.from_numpy(np.flatnonzero(compute)).to(x.device)
             x_rows = x.index_select(0, rows)
-            extra = slice_rows(self.extra_args, rows, self.batch)
-            out = self._call_model(step, x_rows, sigma.index_select(0, rows), extra, rows)
+            extra = slice_rows(extra_args, rows, self.batch)
+            out = self._call_model(step, x_rows, sigma.index_select(0, rows), extra)
             denoised.index_copy_(0, rows, out)
             self.eps.index_copy_(0, rows, (x_rows - out) / sigma_rows.index_select(0, rows))
         return denoised
 
-    def call_model(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def call_model(self, step: int, x: torch.Tensor, sigma: torch.Tensor, extra_args: dict | None = None) -> torch.Tensor:
         """An extra model call that is never skipped (the second call of a two-call step).
 
-        Its eps becomes the one the next skipped call reuses.
+        It evaluates every row; its eps becomes the one the next skipped call reuses.
         """
-        denoised = self._call_model(step, x, sigma, self.extra_args, None)
+        extra_args = self.extra_args if extra_args is None else extra_args
+        denoised = self._call_model(step, x, sigma, extra_args)
+        self.extra_evaluations += 1
         if self.controller.can_skip:
             self.eps = (x - denoised) / _rows(sigma, x)
         return denoised
 
-    def _call_model(self, step, x, sigma, extra, rows) -> torch.Tensor:
+    def _call_model(self, step, x, sigma, extra) -> torch.Tensor:
         out = self.model(x, sigma, **extra)
         self.model_calls += 1
         if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype:
@@ -183,6 +188,7 @@ class SkipRun:
         return SkipReport(
             computed=c.computed.copy(),
             model_calls=self.model_calls,
+            extra_evaluations=self.extra_evaluations,
             scores=c.state.scores.T.cpu().numpy(),
             capped=c.capped.copy(),
             stats=c.state.stats.transpose(0, 1).cpu().numpy(),
