@@ -16,7 +16,6 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from .schedules import vp_scale
 
 __all__ = ["SkipPolicy", "ThirdOrder", "FixedMask", "SkipController", "default_space"]
 
@@ -184,13 +183,10 @@ class SkipController:
     @torch.no_grad()
     def _observe(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:
         """Push x into the bounded history and run the kernel; returns the host flag bytes."""
-        acc = self.state.prev_d.dtype
-        sigma = sigma.to(device=x.device, dtype=acc)
-        scale = vp_scale(sigma) if self.rule.vp else torch.ones_like(sigma)
-        self._history.insert(0, (x, scale))
+        self._history.insert(0, (x, sigma))
         del self._history[self.rule.history :]
-        latents, scales = zip(*self._history)
-        flags = self._ks.skip_update(latents, scales, self.state, step, self.rule, self.backend)
+        latents, sigmas = zip(*self._history)
+        flags = self._ks.skip_update(latents, sigmas, self.state, step, self.rule, self.backend)
         return flags.cpu().numpy()
 
     def decide(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:

@@ -165,5 +165,8 @@ def get_sigmas_ddpm(
 
 
 def vp_scale(sigma: torch.Tensor) -> torch.Tensor:
-    """1 / sqrt(1 + sigma^2): multiplies a VE latent into the variance-preserving one (x_vp = x_ve * scale)."""
-    return torch.rsqrt(1 + sigma * sigma)
+    """1 / sqrt(1 + sigma^2): multiplies a VE latent into the variance-preserving one (x_vp = x_ve * scale).
+
+    Written with a correctly rounded division and square root (not rsqrt), so the Triton skip
+    kernel, which computes the same expression, agrees bit for bit."""
+    return 1 / torch.sqrt(1 + sigma * sigma)

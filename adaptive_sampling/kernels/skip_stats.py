@@ -3,12 +3,14 @@
 One function, two implementations side by side (the Liger-Kernel pattern):
 
 * ``_update_torch``: the plain-torch reference, the definition of what the step computes;
-* ``_partials_kernel`` + ``_decide_kernel``: the Triton version, which reads each latent once.
+* the Triton version, which reads each latent once: ``_fused_kernel`` (one launch, small latents)
+  or ``_partials_kernel`` + ``_decide_kernel`` (two launches), built from the shared
+  ``@triton.jit`` helpers ``_accumulate`` (the streaming sums) and ``_decide`` (the rule).
 
 and one dispatcher, ``skip_update``, that every caller goes through.
 
 What one update does, for the latent ``x_i`` entering call ``k = i + 1`` (per sample b, in the
-chosen space, i.e. each latent multiplied by its ``scale``):
+chosen space: each latent times 1 / sqrt(1 + sigma^2) for VP, as is for VE):
 
 * ``bad``: whether x_i holds NaN/Inf (then the decision is "compute": never skip on garbage);
 * ``d  = mean|x_i - x_{i-1}|`` (reference criterion), ``l2 = ||x_i - x_{i-1}||_2`` and
@@ -26,12 +28,25 @@ Reductions accumulate in float32 for fp16/bf16/fp32 latents and in float64 for f
 latents. With ``per_sample=False`` the sums are pooled over the batch first (the reference
 code's single decision: its mean over every element of every sample).
 
-Why two launches on the Triton path: a deterministic reduction across programs needs every
+Why two launches for larger latents: a deterministic reduction across programs needs every
 partial sum to exist before the final sum starts. Triton has no grid-wide barrier, and the
 alternatives are float atomics (order-dependent, so not deterministic) or a ticket counter
 with release/acquire fences across programs, whose correctness rests on subtle memory-model
 details. The second launch is one program of B lanes that reduces the [B, C] partials in a
 fixed order, decides and updates the state: a few microseconds, and no host round trip.
+Small latents (at most ``_FUSED_MAX_ELEMENTS`` per latent over the whole batch, e.g. SD-1.5 at
+batch 1) need no grid: one program streams every sample and decides, in a single launch.
+
+Triton launch layout: ``_partials_kernel`` runs on a (B, C) grid; program (b, c) streams a
+contiguous chunk of sample b through every latent of the history once (int64 offsets), keeps
+per-lane fp32 (fp64) accumulators and writes four partial sums (|diff|, diff^2, third^2, count of
+non-finite values) to ``partials[4, B, C]``. C is chosen so that the grid covers the GPU
+(``_PROGRAMS_PER_SM`` programs per SM) without programs smaller than ``_MIN_ELEMENTS_PER_PROGRAM``.
+``_decide_kernel`` (one program) reduces the partials tile by tile in a fixed order, then applies
+the rule with IEEE-rounded division and square root (``div_rn``/``sqrt_rn`` in float32, which are
+what torch computes; Triton's plain ``/`` and ``sqrt`` are approximate on NVIDIA GPUs), so the
+two backends differ only in the order of the floating-point sums (and, on a GPU, in fused
+multiply-adds the compiler may form in the elementwise differences).
 """
 
 from __future__ import annotations
@@ -41,6 +56,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from ..schedules import vp_scale
 
 try:  # Triton is optional: the torch reference runs everywhere.
     import triton
@@ -112,7 +129,7 @@ class SkipState:
     stats: torch.Tensor  # [N, B, 3]
     scores: torch.Tensor  # [N, B]
     delta: torch.Tensor  # [1] delta in the accumulator dtype (no float32 rounding of the threshold)
-    partials: torch.Tensor | None = None  # [B, C, 4] Triton scratch
+    partials: torch.Tensor | None = None  # [4, B, C] Triton scratch (made on the first Triton update)
 
     @classmethod
     def new(cls, x: torch.Tensor, num_steps: int, delta: float) -> "SkipState":
@@ -172,7 +189,7 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
 def skip_update(
     latents: Sequence[torch.Tensor],
-    scales: Sequence[torch.Tensor],
+    sigmas: Sequence[torch.Tensor],
     state: SkipState,
     step: int,
     rule: SkipRule,
@@ -182,18 +199,21 @@ def skip_update(
 
     latents: newest first, ``latents[0]`` = x_{step-1}, at most ``rule.history`` of them, all of
         one shape [B, ...], dtype and device.
-    scales:  one [B] tensor per latent, multiplying it into the measured space (1 for VE,
-        1/sqrt(1+sigma^2) for VP).
+    sigmas:  one [B] tensor per latent, its noise level. With ``rule.vp`` each latent is measured
+        as x / sqrt(1 + sigma^2) (computed inside the kernel: no extra launches), else as is.
     step:    1 <= step <= N; ``step = N`` observes the final latent (stats and NaN check only).
     """
-    if not 1 <= len(latents) <= 4 or len(scales) != len(latents):
-        raise ValueError("skip_update needs 1 to 4 latents and one scale per latent")
-    if backend is None or backend not in ("torch", "triton"):
+    if not 1 <= len(latents) <= 4 or len(sigmas) != len(latents):
+        raise ValueError("skip_update needs 1 to 4 latents and one sigma vector per latent")
+    # Fast path for callers that resolved the backend once (SkipController): "torch" always runs,
+    # and "triton" on CUDA tensors needs no check. Everything else goes through resolve_backend,
+    # so "triton" for CPU tensors without the interpreter is still a clear error.
+    if backend != "torch" and not (backend == "triton" and latents[0].is_cuda):
         backend = resolve_backend(latents[0].device, backend)
     if backend == "triton":
-        _update_triton(latents, scales, state, step, rule)
+        _update_triton(latents, sigmas, state, step, rule)
     else:
-        _update_torch(latents, scales, state, step, rule)
+        _update_torch(latents, sigmas, state, step, rule)
     return state.flags
 
 
@@ -224,14 +244,18 @@ def cap_window(step: int, rule: SkipRule) -> tuple[int, bool]:
 # --------------------------------------------------------------------------------------------
 
 
-def _update_torch(latents, scales, state: SkipState, step: int, rule: SkipRule) -> None:
+def _update_torch(latents, sigmas, state: SkipState, step: int, rule: SkipRule) -> None:
     acc = state.prev_d.dtype
     B = latents[0].shape[0]
     flat = [x.reshape(B, -1) for x in latents]
     n = flat[0].shape[1]
-    bad = ~torch.isfinite(flat[0]).all(dim=1)
+    # x * 0 is 0 for finite x and NaN for NaN/Inf, and a sum with a NaN is NaN: one product and
+    # one sum, where isfinite(x).all() takes several elementwise passes (a 10x difference on CPUs).
+    bad = (flat[0] * 0).sum(dim=1, dtype=acc).isnan()
     order = _order(len(latents), rule)
-    x = [f.to(acc) * s.to(acc)[:, None] for f, s in zip(flat[: order + 1], scales[: order + 1])] if order else []
+    # latent * fp32 scale promotes to fp32 elementwise (exact for fp16/bf16), in one pass
+    scales = [vp_scale(g.to(acc)) if rule.vp else torch.ones_like(g, dtype=acc) for g in sigmas[: order + 1]]
+    x = [f * c[:, None] for f, c in zip(flat[: order + 1], scales)] if order else []
     zeros = torch.zeros(B, dtype=acc, device=bad.device)
     s1 = s2 = s3 = zeros
     if order >= 1:
@@ -284,25 +308,44 @@ def _update_torch(latents, scales, state: SkipState, step: int, rule: SkipRule) 
 if triton is not None:
 
     @triton.jit
-    def _partials_kernel(
-        x0_ptr, x1_ptr, x2_ptr, x3_ptr,
-        c0_ptr, c1_ptr, c2_ptr, c3_ptr,
-        partials_ptr,
-        n, chunk, num_chunks,
-        ORDER: tl.constexpr,
-        ACC: tl.constexpr,
-        BLOCK: tl.constexpr,
+    def _div(a, b, F64: tl.constexpr):
+        """IEEE round-to-nearest division (what torch computes); plain ``/`` is approximate in fp32."""
+        if F64:
+            q = a / b
+        else:
+            q = tl.div_rn(a, b)
+        return q
+
+    @triton.jit
+    def _sqrt(a, F64: tl.constexpr):
+        """IEEE round-to-nearest square root; ``tl.sqrt`` is approximate in fp32."""
+        if F64:
+            r = tl.sqrt(a)
+        else:
+            r = tl.sqrt_rn(a)
+        return r
+
+    @triton.jit
+    def _scale(sigma_ptr, b, VP: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr):
+        """Factor into the measured space for sample b: 1 / sqrt(1 + sigma^2) (VP) or 1 (VE)."""
+        s = tl.load(sigma_ptr + b).to(ACC)
+        one = s * 0 + 1
+        if VP:
+            one = _div(one, _sqrt(one + s * s, F64), F64)
+        return one
+
+    @triton.jit
+    def _accumulate(
+        x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, b, base, start, stop,
+        ORDER: tl.constexpr, VP: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        """Program (b, c): sums over elements [c * chunk, (c + 1) * chunk) of sample b."""
-        b = tl.program_id(0)
-        c = tl.program_id(1)
-        base = b.to(tl.int64) * n
-        start = c.to(tl.int64) * chunk
-        stop = tl.minimum(start + chunk, n)
-        s0 = tl.load(c0_ptr + b).to(ACC)
-        s1 = tl.load(c1_ptr + b).to(ACC)
-        s2 = tl.load(c2_ptr + b).to(ACC)
-        s3 = tl.load(c3_ptr + b).to(ACC)
+        """Sums over elements [start, stop) of sample b (row offset ``base``), one pass over the
+        latents: sum|y0 - y1|, sum (y0 - y1)^2, sum (y0 - 3 y1 + 3 y2 - y3)^2 and the number of
+        non-finite values in x0, where y_j = x_j * scale(sigma_j[b])."""
+        s0 = _scale(g0_ptr, b, VP, ACC, F64)
+        s1 = _scale(g1_ptr, b, VP, ACC, F64)
+        s2 = _scale(g2_ptr, b, VP, ACC, F64)
+        s3 = _scale(g3_ptr, b, VP, ACC, F64)
         acc_abs = tl.zeros([BLOCK], dtype=ACC)
         acc_sq = tl.zeros([BLOCK], dtype=ACC)
         acc_third = tl.zeros([BLOCK], dtype=ACC)
@@ -325,125 +368,214 @@ if triton is not None:
                     y3 = tl.load(x3_ptr + base + idx, mask=m, other=0.0).to(ACC) * s3
                     third = y0 - 3.0 * y1 + 3.0 * y2 - y3
                     acc_third += third * third
-        out = partials_ptr + (b * num_chunks + c) * 4
-        tl.store(out + 0, tl.sum(acc_abs, axis=0))
-        tl.store(out + 1, tl.sum(acc_sq, axis=0))
-        tl.store(out + 2, tl.sum(acc_third, axis=0))
-        tl.store(out + 3, tl.sum(acc_bad, axis=0).to(ACC))
+        return (tl.sum(acc_abs, axis=0), tl.sum(acc_sq, axis=0), tl.sum(acc_third, axis=0),
+                tl.sum(acc_bad, axis=0).to(ACC))  # fmt: skip
 
     @triton.jit
-    def _decide_kernel(
-        partials_ptr, prev_d_ptr, run_ptr, flags_ptr, stats_ptr, score_ptr, delta_ptr,
-        B, n, num_chunks, deciding, capped_window, cap_active,
-        ORDER: tl.constexpr,
-        CRITERION: tl.constexpr,
-        PER_SAMPLE: tl.constexpr,
-        ACC: tl.constexpr,
-        BLOCK_B: tl.constexpr,
+    def _decide(
+        s_abs, s_sq, s_third, s_bad, b, live,
+        prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr, delta_ptr,
+        n, n_decide, stats_off, score_off, deciding, window, cap_active,
+        ORDER: tl.constexpr, CRITERION: tl.constexpr, PER_SAMPLE: tl.constexpr,
+        ACC: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr,
     ):  # fmt: skip
-        """One program, one lane per sample: fixed-order final sums, decision, state update."""
-        b = tl.arange(0, BLOCK_B)
-        live = b < B
-        s_abs = tl.zeros([BLOCK_B], dtype=ACC)
-        s_sq = tl.zeros([BLOCK_B], dtype=ACC)
-        s_third = tl.zeros([BLOCK_B], dtype=ACC)
-        s_bad = tl.zeros([BLOCK_B], dtype=ACC)
-        for c in range(0, num_chunks):
-            p = partials_ptr + (b * num_chunks + c) * 4
-            s_abs += tl.load(p + 0, mask=live, other=0.0)
-            s_sq += tl.load(p + 1, mask=live, other=0.0)
-            s_third += tl.load(p + 2, mask=live, other=0.0)
-            s_bad += tl.load(p + 3, mask=live, other=0.0)
+        """Given each sample's four sums (lanes b): stats, decision, state update, flag bytes.
+
+        ``n`` is the element count of one sample (stats), ``n_decide`` that of the decision
+        (``n`` per sample, ``n * B`` when the batch is pooled); ``stats_off``/``score_off`` are
+        the element offsets of this step's rows in ``stats``/``scores``.
+        """
         bad = s_bad > 0
-        count = tl.zeros([BLOCK_B], dtype=ACC) + n
+        stats = stats_ptr + stats_off + b * 3
         if ORDER >= 1:
-            tl.store(stats_ptr + b * 3 + 0, s_abs / count, mask=live)
-            tl.store(stats_ptr + b * 3 + 1, tl.sqrt(s_sq), mask=live)
+            tl.store(stats + 0, _div(s_abs, tl.zeros([BLOCK_B], dtype=ACC) + n, F64), mask=live)
+            tl.store(stats + 1, _sqrt(s_sq, F64), mask=live)
         if ORDER >= 3:
-            tl.store(stats_ptr + b * 3 + 2, tl.sqrt(s_third), mask=live)
+            tl.store(stats + 2, _sqrt(s_third, F64), mask=live)
         bad_rule = bad
         if not PER_SAMPLE:
-            s_abs = tl.zeros([BLOCK_B], dtype=ACC) + tl.sum(s_abs, axis=0)
-            s_sq = tl.zeros([BLOCK_B], dtype=ACC) + tl.sum(s_sq, axis=0)
-            s_third = tl.zeros([BLOCK_B], dtype=ACC) + tl.sum(s_third, axis=0)
+            s_abs = tl.zeros([BLOCK_B], dtype=ACC) + tl.sum(tl.where(live, s_abs, 0.0), axis=0)
+            s_sq = tl.zeros([BLOCK_B], dtype=ACC) + tl.sum(tl.where(live, s_sq, 0.0), axis=0)
+            s_third = tl.zeros([BLOCK_B], dtype=ACC) + tl.sum(tl.where(live, s_third, 0.0), axis=0)
             any_bad = tl.max(tl.where(live & bad, 1, 0), axis=0)
             bad_rule = (tl.zeros([BLOCK_B], dtype=tl.int32) + any_bad) > 0
-            count = count * B
-        d = s_abs / count
+        d = _div(s_abs, tl.zeros([BLOCK_B], dtype=ACC) + n_decide, F64)
         d1 = tl.load(prev_d_ptr + b * 2 + 0, mask=live, other=0.0)
         d2 = tl.load(prev_d_ptr + b * 2 + 1, mask=live, other=0.0)
         delta = tl.load(delta_ptr)
         run = tl.load(run_ptr + b, mask=live, other=0)
         if CRITERION == 1:
-            lhs = tl.abs((d + d2) / 2 - d1)
+            lhs = tl.abs((d + d2) * 0.5 - d1)  # x * 0.5 and x / 2 are the same correctly rounded value
             ok = lhs <= d1 * delta
-            score = lhs / d1
+            score = _div(lhs, d1, F64)
             finite = ((d - d) == 0) & ((d1 - d1) == 0) & ((d2 - d2) == 0)
         else:
-            l3 = tl.sqrt(s_third)
-            l2 = tl.sqrt(s_sq)
+            l3 = _sqrt(s_third, F64)
+            l2 = _sqrt(s_sq, F64)
             ok = l3 < delta * l2
-            score = l3 / l2
+            score = _div(l3, l2, F64)
             finite = ((l3 - l3) == 0) & ((l2 - l2) == 0)
-        capped = (cap_active != 0) & (run >= capped_window)
+        capped = (cap_active != 0) & (run >= window)
         skip = ok & finite & (bad_rule == 0) & (capped == 0) & (deciding != 0)
-        new_run = tl.where(skip, run + 1, 0)
-        tl.store(run_ptr + b, new_run, mask=live)
-        tl.store(score_ptr + b, score, mask=live & (deciding != 0))
+        tl.store(run_ptr + b, tl.where(skip, run + 1, 0), mask=live)
+        tl.store(scores_ptr + score_off + b, score, mask=live & (deciding != 0))
         if ORDER >= 1:
             tl.store(prev_d_ptr + b * 2 + 1, d1, mask=live)
             tl.store(prev_d_ptr + b * 2 + 0, d, mask=live)
         flag = tl.where(skip, 0, 1) + tl.where(bad, 2, 0)
         tl.store(flags_ptr + b, flag.to(tl.int8), mask=live)
 
+    @triton.jit(do_not_specialize=["plane", "num_chunks"])
+    def _partials_kernel(
+        x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, partials_ptr,
+        n, chunk, plane, num_chunks,
+        ORDER: tl.constexpr, VP: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """Stage 1, program (b, c): the four sums over elements [c * chunk, (c + 1) * chunk) of
+        sample b, written to partials[q, b, c] (``plane`` = B * C is the stride between the
+        quantities). ``n`` keeps Triton's divisibility specialisation, which lets the compiler
+        vectorise the loads when rows are 16-element aligned."""
+        b = tl.program_id(0)
+        c = tl.program_id(1)
+        start = c.to(tl.int64) * chunk
+        a_abs, a_sq, a_third, a_bad = _accumulate(
+            x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, b,
+            b.to(tl.int64) * n, start, tl.minimum(start + chunk, n), ORDER, VP, ACC, F64, BLOCK,
+        )  # fmt: skip
+        out = partials_ptr + b * num_chunks + c
+        tl.store(out, a_abs)
+        tl.store(out + plane, a_sq)
+        tl.store(out + 2 * plane, a_third)
+        tl.store(out + 3 * plane, a_bad)
 
-_BLOCK = 2048
-_MIN_ELEMENTS_PER_PROGRAM = 4 * _BLOCK
+    @triton.jit(
+        do_not_specialize=[
+            "B", "n", "n_decide", "plane", "num_chunks", "stats_off", "score_off", "deciding", "window", "cap_active"
+        ]
+    )  # fmt: skip
+    def _decide_kernel(
+        partials_ptr, prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr, delta_ptr,
+        B, n, n_decide, plane, num_chunks, stats_off, score_off, deciding, window, cap_active,
+        ORDER: tl.constexpr, CRITERION: tl.constexpr, PER_SAMPLE: tl.constexpr,
+        ACC: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """Stage 2, one program, one lane per sample: the [B, C] partials of each quantity are
+        summed tile by tile ([BLOCK_B, BLOCK_C] loads, a tree sum along C per tile, tiles in
+        ascending order: deterministic), then ``_decide``."""
+        b = tl.arange(0, BLOCK_B)
+        live = b < B
+        s_abs = tl.zeros([BLOCK_B], dtype=ACC)
+        s_sq = tl.zeros([BLOCK_B], dtype=ACC)
+        s_third = tl.zeros([BLOCK_B], dtype=ACC)
+        s_bad = tl.zeros([BLOCK_B], dtype=ACC)
+        cols = tl.arange(0, BLOCK_C)
+        for c0 in range(0, num_chunks, BLOCK_C):
+            m = live[:, None] & ((c0 + cols) < num_chunks)[None, :]
+            p = partials_ptr + b[:, None] * num_chunks + (c0 + cols)[None, :]
+            s_abs += tl.sum(tl.load(p, mask=m, other=0.0), axis=1)
+            s_sq += tl.sum(tl.load(p + plane, mask=m, other=0.0), axis=1)
+            s_third += tl.sum(tl.load(p + 2 * plane, mask=m, other=0.0), axis=1)
+            s_bad += tl.sum(tl.load(p + 3 * plane, mask=m, other=0.0), axis=1)
+        _decide(s_abs, s_sq, s_third, s_bad, b, live, prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr,
+                delta_ptr, n, n_decide, stats_off, score_off, deciding, window, cap_active,
+                ORDER, CRITERION, PER_SAMPLE, ACC, F64, BLOCK_B)  # fmt: skip
+
+    @triton.jit(do_not_specialize=["B", "n_decide", "stats_off", "score_off", "deciding", "window", "cap_active"])
+    def _fused_kernel(
+        x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr,
+        prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr, delta_ptr,
+        B, n, n_decide, stats_off, score_off, deciding, window, cap_active,
+        ORDER: tl.constexpr, CRITERION: tl.constexpr, PER_SAMPLE: tl.constexpr, VP: tl.constexpr,
+        ACC: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):  # fmt: skip
+        """Both stages in ONE program, for small latents (SD-1.5 at batch 1): the samples are
+        streamed one after another, so there is no second launch and no partials buffer."""
+        lanes = tl.arange(0, BLOCK_B)
+        live = lanes < B
+        s_abs = tl.zeros([BLOCK_B], dtype=ACC)
+        s_sq = tl.zeros([BLOCK_B], dtype=ACC)
+        s_third = tl.zeros([BLOCK_B], dtype=ACC)
+        s_bad = tl.zeros([BLOCK_B], dtype=ACC)
+        for b in range(0, B):
+            # b * n fits in int32 here: this path only runs for B * n <= _FUSED_MAX_ELEMENTS
+            a_abs, a_sq, a_third, a_bad = _accumulate(
+                x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, b, b * n, 0, n, ORDER, VP, ACC, F64, BLOCK
+            )  # fmt: skip
+            here = lanes == b
+            s_abs = tl.where(here, a_abs, s_abs)
+            s_sq = tl.where(here, a_sq, s_sq)
+            s_third = tl.where(here, a_third, s_third)
+            s_bad = tl.where(here, a_bad, s_bad)
+        _decide(s_abs, s_sq, s_third, s_bad, lanes, live, prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr,
+                delta_ptr, n, n_decide, stats_off, score_off, deciding, window, cap_active,
+                ORDER, CRITERION, PER_SAMPLE, ACC, F64, BLOCK_B)  # fmt: skip
+
+
+# Launch geometry. Module-level so that bench/bench_skip_kernel.py can sweep them on a GPU.
+_BLOCK = 2048  # elements per loop iteration of a partials program
+_NUM_WARPS = 4  # warps per partials program (16 elements per thread and latent per iteration)
+_PROGRAMS_PER_SM = 4  # partials programs per SM the grid aims for
+_MIN_ELEMENTS_PER_PROGRAM = 2 * _BLOCK  # smaller chunks would be all launch and no streaming
+_DECIDE_TILE = 2048  # elements per [BLOCK_B, BLOCK_C] tile of the decide kernel
+# Up to this many elements per latent (all samples), one program streams everything and decides:
+# one launch instead of two. Beyond it the single program's serial loop costs more than a launch.
+_FUSED_MAX_ELEMENTS = 1 << 15
+_FUSED_BLOCK = 4096
+_FUSED_NUM_WARPS = 8
 
 
 def _num_chunks(batch: int, n: int, device: torch.device) -> int:
-    """Split each sample so the grid covers the GPU (about 4 programs per SM) without tiny programs."""
+    """Chunks per sample: enough programs to cover the GPU, none smaller than the minimum.
+
+    (On the CPU interpreter, where programs run one after another, 4 "SMs" keep the grid small.)
+    """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     by_size = max(1, -(-n // _MIN_ELEMENTS_PER_PROGRAM))
-    by_occupancy = max(1, -(-4 * sms // batch))
+    by_occupancy = max(1, -(-_PROGRAMS_PER_SM * sms // batch))
     return min(by_size, by_occupancy)
 
 
-_TL_ACC = {torch.float32: "fp32", torch.float64: "fp64"}
-
-
-def _update_triton(latents, scales, state: SkipState, step: int, rule: SkipRule) -> None:
+def _update_triton(latents, sigmas, state: SkipState, step: int, rule: SkipRule) -> None:
+    """Launch the kernels (one for small latents, two otherwise). Host work: a few integers per step."""
     x0 = latents[0]
     B = x0.shape[0]
     n = x0.numel() // B
-    order = _order(len(latents), rule)
+    acc = state.prev_d.dtype
     for x in latents:
         if not x.is_contiguous():
             raise ValueError("the Triton skip kernel needs contiguous latents")
-    if state.partials is None:
-        C = _num_chunks(B, n, x0.device)
-        state.partials = torch.empty((B, C, 4), dtype=state.prev_d.dtype, device=x0.device)
-    C = state.partials.shape[1]
+        if x.shape != x0.shape:
+            raise ValueError(f"all latents must have one shape, got {tuple(x0.shape)} and {tuple(x.shape)}")
+    lat = list(latents) + [x0] * (4 - len(latents))
+    sig = [g if g.is_contiguous() else g.contiguous() for g in sigmas]
+    sig += [sig[0]] * (4 - len(sig))
+    order = _order(len(latents), rule)
+    f64 = acc == torch.float64
+    tl_acc = tl.float64 if f64 else tl.float32
+    N = state.scores.shape[0]
+    window, active = cap_window(step, rule)
+    block_b = max(16, triton.next_power_of_2(B))
+    decision = (B, n, n if rule.per_sample else n * B)  # samples, elements per sample, elements per decision
+    offsets = ((step - 1) * B * 3, min(step, N - 1) * B, int(_deciding(step, rule, state)), window, int(active))
+    state_ptrs = (state.prev_d, state.skip_run, state.flags, state.stats, state.scores, state.delta)
+    constants = dict(ORDER=order, CRITERION=max(rule.criterion, 1), PER_SAMPLE=rule.per_sample, ACC=tl_acc, F64=f64)
+    if B * n <= _FUSED_MAX_ELEMENTS:
+        _fused_kernel[(1,)](
+            *lat, *sig, *state_ptrs, *decision, *offsets, VP=rule.vp, BLOCK=_FUSED_BLOCK, BLOCK_B=block_b,
+            num_warps=_FUSED_NUM_WARPS, **constants,
+        )  # fmt: skip
+        return
+    partials = state.partials
+    if partials is None or partials.shape[1] != B:
+        partials = state.partials = torch.empty((4, B, _num_chunks(B, n, x0.device)), dtype=acc, device=x0.device)
+    C = partials.shape[2]
     chunk = -(-n // C)
     chunk = -(-chunk // _BLOCK) * _BLOCK
-    lat = list(latents) + [x0] * (4 - len(latents))
-    sc = [s.to(state.prev_d.dtype) for s in scales] + [scales[0]] * (4 - len(scales))
-    acc = tl.float64 if state.prev_d.dtype == torch.float64 else tl.float32
     _partials_kernel[(B, C)](
-        *lat, *sc, state.partials, n, chunk, C, ORDER=order, ACC=acc, BLOCK=_BLOCK, num_warps=4
-    )
-    deciding = _deciding(step, rule, state)
-    window, active = cap_window(step, rule)
-    score_row = state.scores[min(step, state.scores.shape[0] - 1)]
-    stats_row = state.stats[step - 1]
-    _decide_kernel[(1,)](
-        state.partials, state.prev_d, state.skip_run, state.flags, stats_row, score_row, state.delta,
-        B, n, C, int(deciding), window, int(active),
-        ORDER=order,
-        CRITERION=max(rule.criterion, 1),
-        PER_SAMPLE=rule.per_sample,
-        ACC=acc,
-        BLOCK_B=triton.next_power_of_2(B),
-        num_warps=1,
+        *lat, *sig, partials, n, chunk, B * C, C, ORDER=order, VP=rule.vp, ACC=tl_acc, F64=f64, BLOCK=_BLOCK,
+        num_warps=_NUM_WARPS,
     )  # fmt: skip
-
+    _decide_kernel[(1,)](
+        partials, *state_ptrs, decision[0], decision[1], decision[2], B * C, C, *offsets,
+        BLOCK_B=block_b, BLOCK_C=max(1, min(64, _DECIDE_TILE // block_b)), num_warps=4, **constants,
+    )  # fmt: skip
