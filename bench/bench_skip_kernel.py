@@ -197,16 +197,18 @@ class UnfusedReference:
 # --------------------------------------------------------------------------------------------
 
 
-def fused_variant(w: Workload, criterion: str, backend: str):
+def fused_variant(w: Workload, criterion: str, backend: str, host_read: bool = True):
+    """``skip_update`` on ``backend``; with ``host_read`` the step ends in the flag read (what a
+    sampler does), else in a synchronize (the kernel alone)."""
     rule = rule_for(criterion)
     h = rule.history
     lat, sc = w.pool[:h], w.sigmas[:h]
     state = ks.SkipState.new(lat[0], NUM_STEPS, DELTA)
 
-    if backend == "triton":
+    if not host_read:
 
         def core():
-            ks.skip_update(lat, sc, state, STEP, rule, "triton")
+            ks.skip_update(lat, sc, state, STEP, rule, backend)
 
         def step():
             core()
@@ -360,19 +362,26 @@ GROUPS = [(size, batch, crit) for size in SIZES for batch in BATCHES for crit in
 GROUP_IDS = [f"{s}-b{b}-{c}" for s, b, c in GROUPS]
 
 
-@pytest.mark.parametrize("variant", ["fused", "controller", "triton", "unfused"])
+@pytest.mark.parametrize("variant", ["fused", "controller", "triton", "triton-jit-launch", "triton-one-program", "unfused"])
 @pytest.mark.parametrize("size, batch, criterion", GROUPS, ids=GROUP_IDS)
-def test_skip_step(benchmark, size, batch, criterion, variant):
+def test_skip_step(benchmark, monkeypatch, size, batch, criterion, variant):
+    """``triton-jit-launch``: the fused step with every launch through ``JITFunction.run`` (no
+    re-use of the compiled kernel); ``triton-one-program``: the fused step forced onto the
+    single-program kernel whatever the size. Both exist to tune the defaults on a GPU."""
     check_budget()
-    if variant == "triton" and not CUDA:
+    if variant.startswith("triton") and not CUDA:
         pytest.skip("the compiled Triton kernel needs CUDA (the CPU runs it only in the interpreter)")
+    if variant == "triton-jit-launch":
+        monkeypatch.setattr(ks, "_fast_launch", False)
+    if variant == "triton-one-program":
+        monkeypatch.setattr(ks, "_FUSED_MAX_ELEMENTS", 1 << 40)
     w = workload((batch, *SIZES[size]))
-    if variant == "fused":
+    if variant in ("fused", "triton-jit-launch", "triton-one-program"):
         backend = ks.resolve_backend(DEVICE, "auto")
         step, core = fused_variant(w, criterion, backend)
         extra = {"backend": backend}
     elif variant == "triton":
-        step, core = fused_variant(w, criterion, "triton")
+        step, core = fused_variant(w, criterion, "triton", host_read=False)
         extra = {"backend": "triton"}
     elif variant == "controller":
         step, core = controller_variant(w, criterion)
@@ -402,7 +411,8 @@ def test_large_history(benchmark, monkeypatch, variant, programs_per_sm, num_war
     if variant == "unfused":
         step, core = unfused_variant(w, "paper")
     else:
-        step, core = fused_variant(w, "paper", "triton" if variant == "triton" else ks.resolve_backend(DEVICE, "auto"))
+        backend = "triton" if variant.startswith("triton") else ks.resolve_backend(DEVICE, "auto")
+        step, core = fused_variant(w, "paper", backend, host_read=variant == "fused")
     name = variant if programs_per_sm is None else f"triton-pps{programs_per_sm}-w{num_warps}"
     extra = {"programs_per_sm": ks._PROGRAMS_PER_SM, "num_warps": ks._NUM_WARPS}
     run(benchmark, "large-268MB-paper", name, w, "paper", step, core, **extra)

@@ -104,8 +104,10 @@ def make_sigmas(batch, count, dtype, seed, device=DEVICE):
 
 def clone_state(state: ks.SkipState) -> ks.SkipState:
     return dataclasses.replace(
-        state, **{f.name: getattr(state, f.name).clone() for f in dataclasses.fields(state) if f.name != "partials"},
+        state,
+        **{f.name: getattr(state, f.name).clone() for f in dataclasses.fields(state) if f.name not in ("partials", "launches")},
         partials=None,
+        launches={},
     )
 
 
@@ -492,9 +494,10 @@ def spies(monkeypatch):
 
 
 def _update(backend=None):
-    """One skip_update on small CPU tensors with the given backend argument."""
-    x = torch.zeros(2, 3)
-    return ks.skip_update([x], [torch.ones(2)], ks.SkipState.new(x, 5, 0.01), 1, ks.SkipRule(), backend)
+    """One skip_update on small tensors of the test device with the given backend argument (CPU
+    tensors run Triton only in the interpreter, CUDA tensors run it compiled)."""
+    x = torch.zeros(2, 3, device=DEVICE)
+    return ks.skip_update([x], [torch.ones(2, device=DEVICE)], ks.SkipState.new(x, 5, 0.01), 1, ks.SkipRule(), backend)
 
 
 @pytest.mark.parametrize("env", [None, "auto", "torch", "triton", " Triton "])
@@ -683,3 +686,27 @@ def test_both_triton_launch_paths_match_reference(monkeypatch, fused_max, criter
     state.prev_d.copy_(torch.stack([d * 1.01, d * 0.98], dim=1).float())
     ref, tri = run_both(latents, sigmas, state, 8, rule)
     check_update(latents, sigmas, state, ref, tri, 8, rule)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="compiled kernels are re-launched on CUDA only")
+@pytest.mark.parametrize("fused_max", [0, 1 << 30], ids=["two-launch", "one-launch"])
+@pytest.mark.parametrize("criterion", [ks.REFERENCE, ks.PAPER])
+def test_fast_relaunch_matches_jit_launch(monkeypatch, fused_max, criterion):
+    """Re-launching the compiled kernel (skip_stats._launch) gives the same bits as launching
+    through JITFunction.run at every step, and is really taken (no silent fallback)."""
+    monkeypatch.setattr(ks, "_FUSED_MAX_ELEMENTS", fused_max)
+    rule = ks.SkipRule(criterion=criterion, delta=0.05, max_skips=2, per_sample=True)
+    xs = trajectory(3, (4, 16, 16), 10, torch.float16, 1e-2, seed=11)[::-1]
+    sig = make_sigmas(3, 10, torch.float16, seed=11)[::-1]
+    fast = ks.SkipState.new(xs[0], 10, rule.delta)
+    slow = clone_state(fast)
+    for step in range(1, 11):
+        lat = xs[max(0, step - rule.history) : step][::-1]
+        sg = sig[max(0, step - rule.history) : step][::-1]
+        monkeypatch.setattr(ks, "_fast_launch", False)
+        ks.skip_update(lat, sg, slow, step, rule, backend="triton")
+        monkeypatch.setattr(ks, "_fast_launch", True)
+        ks.skip_update(lat, sg, fast, step, rule, backend="triton")
+        for f in ("prev_d", "skip_run", "flags", "stats", "scores"):
+            assert torch.equal(getattr(fast, f).nan_to_num(-1), getattr(slow, f).nan_to_num(-1)), (step, f)
+    assert ks._fast_launch and fast.launches and not slow.launches

@@ -52,7 +52,8 @@ multiply-adds the compiler may form in the elementwise differences).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -130,6 +131,7 @@ class SkipState:
     scores: torch.Tensor  # [N, B]
     delta: torch.Tensor  # [1] delta in the accumulator dtype (no float32 rounding of the threshold)
     partials: torch.Tensor | None = None  # [4, B, C] Triton scratch (made on the first Triton update)
+    launches: dict = field(default_factory=dict)  # compiled Triton kernels of this call (_launch)
 
     @classmethod
     def new(cls, x: torch.Tensor, num_steps: int, delta: float) -> "SkipState":
@@ -535,6 +537,36 @@ def _num_chunks(batch: int, n: int, device: torch.device) -> int:
     return min(by_size, by_occupancy)
 
 
+_fast_launch = True  # cleared (with a warning) if this Triton cannot re-launch a compiled kernel
+
+
+def _launch(state: SkipState, kernel, grid: tuple, args: dict, options: dict, dynamic: tuple, order: int) -> None:
+    """Launch ``kernel`` with ``args`` (every parameter, by name), re-using the compiled kernel of
+    an earlier step of this call when that is safe.
+
+    ``JITFunction.run`` recomputes the specialisation of every argument at every launch, which is
+    most of its host cost (tens of microseconds against a kernel of a few). Within one sampling
+    call the skip kernels are launched with the same dtypes, sizes and state buffers at every step;
+    only ``dynamic`` (the latents and sigmas of this step) change, so the compiled kernel stays
+    valid while their dtypes and 16-byte alignment (the pointer specialisation) stay the same.
+    Those, with ``order`` (the one constexpr that changes between steps, as the history fills),
+    are the cache key; any mismatch takes the normal path.
+    """
+    global _fast_launch
+    key = (id(kernel), grid, order, tuple((t.dtype, t.data_ptr() % 16 == 0) for t in dynamic))
+    compiled = state.launches.get(key) if _fast_launch else None
+    if compiled is not None:
+        try:
+            compiled[grid](*[args[name] for name in kernel.arg_names])
+            return
+        except (TypeError, ValueError, AttributeError) as e:  # a Triton whose launcher API differs
+            _fast_launch = False
+            warnings.warn(f"re-launching compiled Triton kernels failed ({e!r}); using the normal launch path")
+    compiled = kernel[grid](**args, **options)
+    if _fast_launch and grid is not None and hasattr(compiled, "__getitem__") and hasattr(kernel, "arg_names"):
+        state.launches[key] = compiled
+
+
 def _update_triton(latents, sigmas, state: SkipState, step: int, rule: SkipRule) -> None:
     """Launch the kernels (one for small latents, two otherwise). Host work: a few integers per step."""
     x0 = latents[0]
@@ -559,11 +591,14 @@ def _update_triton(latents, sigmas, state: SkipState, step: int, rule: SkipRule)
     offsets = ((step - 1) * B * 3, min(step, N - 1) * B, int(_deciding(step, rule, state)), window, int(active))
     state_ptrs = (state.prev_d, state.skip_run, state.flags, state.stats, state.scores, state.delta)
     constants = dict(ORDER=order, CRITERION=max(rule.criterion, 1), PER_SAMPLE=rule.per_sample, ACC=tl_acc, F64=f64)
+    dynamic = (*lat, *sig)
+    inputs = dict(zip(("x0_ptr", "x1_ptr", "x2_ptr", "x3_ptr", "g0_ptr", "g1_ptr", "g2_ptr", "g3_ptr"), dynamic))
+    state_args = dict(zip(("prev_d_ptr", "run_ptr", "flags_ptr", "stats_ptr", "scores_ptr", "delta_ptr"), state_ptrs))
+    step_args = dict(zip(("stats_off", "score_off", "deciding", "window", "cap_active"), offsets))
+    sizes = dict(zip(("B", "n", "n_decide"), decision))
     if B * n <= _FUSED_MAX_ELEMENTS:
-        _fused_kernel[(1,)](
-            *lat, *sig, *state_ptrs, *decision, *offsets, VP=rule.vp, BLOCK=_FUSED_BLOCK, BLOCK_B=block_b,
-            num_warps=_FUSED_NUM_WARPS, **constants,
-        )  # fmt: skip
+        args = dict(**inputs, **state_args, **sizes, **step_args, **constants, VP=rule.vp, BLOCK=_FUSED_BLOCK, BLOCK_B=block_b)
+        _launch(state, _fused_kernel, (1,), args, dict(num_warps=_FUSED_NUM_WARPS), dynamic, order)
         return
     partials = state.partials
     if partials is None or partials.shape[1] != B:
@@ -571,11 +606,9 @@ def _update_triton(latents, sigmas, state: SkipState, step: int, rule: SkipRule)
     C = partials.shape[2]
     chunk = -(-n // C)
     chunk = -(-chunk // _BLOCK) * _BLOCK
-    _partials_kernel[(B, C)](
-        *lat, *sig, partials, n, chunk, B * C, C, ORDER=order, VP=rule.vp, ACC=tl_acc, F64=f64, BLOCK=_BLOCK,
-        num_warps=_NUM_WARPS,
-    )  # fmt: skip
-    _decide_kernel[(1,)](
-        partials, *state_ptrs, decision[0], decision[1], decision[2], B * C, C, *offsets,
-        BLOCK_B=block_b, BLOCK_C=max(1, min(64, _DECIDE_TILE // block_b)), num_warps=4, **constants,
-    )  # fmt: skip
+    stage1 = dict(**inputs, partials_ptr=partials, n=n, chunk=chunk, plane=B * C, num_chunks=C,
+                  ORDER=order, VP=rule.vp, ACC=tl_acc, F64=f64, BLOCK=_BLOCK)  # fmt: skip
+    _launch(state, _partials_kernel, (B, C), stage1, dict(num_warps=_NUM_WARPS), dynamic, order)
+    stage2 = dict(partials_ptr=partials, **state_args, **sizes, plane=B * C, num_chunks=C, **step_args, **constants,
+                  BLOCK_B=block_b, BLOCK_C=max(1, min(64, _DECIDE_TILE // block_b)))  # fmt: skip
+    _launch(state, _decide_kernel, (1,), stage2, dict(num_warps=4), (), order)
