@@ -493,11 +493,11 @@ def spies(monkeypatch):
     return calls
 
 
-def _update(backend=None):
-    """One skip_update on small tensors of the test device with the given backend argument (CPU
-    tensors run Triton only in the interpreter, CUDA tensors run it compiled)."""
-    x = torch.zeros(2, 3, device=DEVICE)
-    return ks.skip_update([x], [torch.ones(2, device=DEVICE)], ks.SkipState.new(x, 5, 0.01), 1, ks.SkipRule(), backend)
+def _update(backend=None, device=DEVICE):
+    """One skip_update on small tensors (of the test device by default) with the given backend
+    argument (CPU tensors run Triton only in the interpreter, CUDA tensors run it compiled)."""
+    x = torch.zeros(2, 3, device=device)
+    return ks.skip_update([x], [torch.ones(2, device=device)], ks.SkipState.new(x, 5, 0.01), 1, ks.SkipRule(), backend)
 
 
 @pytest.mark.parametrize("env", [None, "auto", "torch", "triton", " Triton "])
@@ -509,10 +509,13 @@ def test_argument_beats_environment(monkeypatch, spies, env, arg):
         monkeypatch.setenv(ks.BACKEND_ENV, env)
     _update(arg)
     assert spies == [arg]
-    assert ks.resolve_backend(torch.device("cpu"), arg) == arg
+    assert ks.resolve_backend(DEVICE, arg) == arg
 
 
-@pytest.mark.parametrize("env, want", [("torch", "torch"), ("triton", "triton"), ("auto", "torch"), ("TORCH", "torch")])
+AUTO = "triton" if DEVICE.type == "cuda" else "torch"  # what auto picks for the test device's tensors
+
+
+@pytest.mark.parametrize("env, want", [("torch", "torch"), ("triton", "triton"), ("auto", AUTO), ("TORCH", "torch")])
 def test_environment_applies_without_argument(monkeypatch, spies, env, want):
     monkeypatch.setenv(ks.BACKEND_ENV, env)
     _update()
@@ -565,7 +568,7 @@ def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch, spies, how, 
         ks.resolve_backend(torch.device("cpu"), arg)
     # also when the caller passes the resolved name straight to skip_update (its fast path)
     with pytest.raises(RuntimeError, match="latents are on cpu"):
-        _update(arg)
+        _update(arg, device="cpu")
     with pytest.raises(RuntimeError, match="Triton needs CUDA tensors"):
         ThirdOrder(backend=arg).start(torch.zeros(2, 3), 5, "euler")
     assert spies == []  # never a silent fallback to torch

@@ -210,7 +210,7 @@ def skip_update(
     # Fast path for callers that resolved the backend once (SkipController): "torch" always runs,
     # and "triton" on CUDA tensors needs no check. Everything else goes through resolve_backend,
     # so "triton" for CPU tensors without the interpreter is still a clear error.
-    if backend != "torch" and not (backend == "triton" and latents[0].is_cuda):
+    if backend != "torch" and not (backend == "triton" and triton is not None and latents[0].is_cuda):
         backend = resolve_backend(latents[0].device, backend)
     if backend == "triton":
         _update_triton(latents, sigmas, state, step, rule)
@@ -557,9 +557,9 @@ def _launch(state: SkipState, kernel, grid: tuple, args: dict, options: dict, dy
     compiled = state.launches.get(key) if _fast_launch else None
     if compiled is not None:
         try:
-            compiled[grid](*[args[name] for name in kernel.arg_names])
+            compiled[(grid + (1, 1))[:3]](*[args[name] for name in kernel.arg_names])  # the runner wants 3-D grids
             return
-        except (TypeError, ValueError, AttributeError) as e:  # a Triton whose launcher API differs
+        except (TypeError, ValueError, AttributeError, IndexError) as e:  # a Triton whose launcher API differs
             _fast_launch = False
             warnings.warn(f"re-launching compiled Triton kernels failed ({e!r}); using the normal launch path")
     compiled = kernel[grid](**args, **options)
