@@ -22,14 +22,16 @@ latents are float16 on a GPU and float32 on the CPU. Variants in a group:
   the host read; a failing compile fails that benchmark visibly).
 
 Plus, on CUDA only, the ``large-268MB-paper`` group: 4 float16 latents of 67 MB each (the paper
-criterion reads all four), with a small sweep of the Triton launch geometry.
+criterion reads all four: 268 MB per step), with a small sweep of the Triton launch geometry.
 
 Reported in ``extra_info`` (and by bench/summarize.py): bytes of latents read per step (the
 history the criterion needs; temporaries of the unfused version are not counted, so its GB/s is
 an effective figure), wall time (pytest-benchmark's median) and GB/s from it; on CUDA also the
-device time (CUDA events around each step, L2 flushed before each) with GB/s and the fraction
-of the device's peak memory bandwidth, and the number of device-to-host synchronisations per
-step (torch's sync debug mode).
+device time (CUDA events around each step, L2 flushed before each; it includes the step's own
+host synchronisation) with GB/s and the fraction of the device's peak memory bandwidth, for the
+kernel-only ``triton`` variants the streaming time (20 steps launched back to back between two
+events, so the GPU never waits for the host) with its GB/s and % of peak, and the number of
+device-to-host synchronisations per step (torch's sync debug mode).
 
 Environment knobs: ``BENCH_DEVICE`` (default: cuda if available), ``BENCH_BUDGET_S`` (skip the
 remaining benchmarks once this many seconds have passed), ``BENCH_COMPILE_BUDGET_S`` (skip the
@@ -58,7 +60,7 @@ DTYPE = torch.float16 if CUDA else torch.float32
 SIZES = {"sd15": (4, 64, 64), "sdxl": (4, 128, 128), "video": (16, 4, 64, 64)}
 BATCHES = (1, 8)
 CRITERIA = ("reference", "paper")
-LARGE = (8, 32, 4, 128, 128)  # float16: 67 MB per latent; the paper criterion reads four: 268 MB
+LARGE = (8, 64, 4, 128, 128)  # float16: 67 MB per latent; the paper criterion reads four: 268 MB
 NUM_STEPS, STEP, DELTA, MAX_SKIPS = 50, 10, 0.01, 4
 
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", "inf"))
@@ -295,6 +297,20 @@ def device_time_us(fn, reps: int = 30) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
 
 
+def stream_time_us(fn, reps: int = 20) -> float:
+    """Time per call of ``reps`` calls launched back to back between two CUDA events (``fn`` must
+    not synchronise): the kernels' own throughput, with launch latency hidden behind execution."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
 def syncs_per_step(fn, steps: int = 4) -> float:
     """Device-to-host synchronisations per call, counted with torch's sync debug mode."""
     torch.cuda.synchronize()
@@ -343,6 +359,11 @@ def run(benchmark, group, variant, w, criterion, step, core, **extra):
         if peak:
             info["pct_peak"] = 100 * info["device_gbps"] / peak
         info["syncs_per_step"] = syncs_per_step(core)
+        if variant.startswith("triton") and step is not core:  # kernel only: core has no host read
+            stream_us = stream_time_us(core)
+            info.update(stream_us=stream_us, stream_gbps=nbytes / stream_us / 1e3)
+            if peak:
+                info["stream_pct_peak"] = 100 * info["stream_gbps"] / peak
     if stats is not None and os.environ.get("BENCH_JSONL"):
         # One line per finished benchmark: pytest-benchmark writes its JSON only at the end of the
         # session (and not at all when a timeout interrupts a benchmark), this file survives.
