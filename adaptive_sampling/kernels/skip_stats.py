@@ -34,8 +34,8 @@ alternatives are float atomics (order-dependent, so not deterministic) or a tick
 with release/acquire fences across programs, whose correctness rests on subtle memory-model
 details. The second launch is one program of B lanes that reduces the [B, C] partials in a
 fixed order, decides and updates the state: a few microseconds, and no host round trip.
-Small latents (at most ``_FUSED_MAX_ELEMENTS`` per latent over the whole batch, e.g. SD-1.5 at
-batch 1) need no grid: one program streams every sample and decides, in a single launch.
+Small latents (at most ``_FUSED_MAX_ELEMENTS`` per latent over the whole batch: SD-1.5 up to
+batch 8, SDXL at batch 1) need no grid: one program streams every sample and decides, in a single launch.
 
 Triton launch layout: ``_partials_kernel`` runs on a (B, C) grid; program (b, c) streams a
 contiguous chunk of sample b through every latent of the history once (int64 offsets), keeps
@@ -490,7 +490,7 @@ if triton is not None:
         ORDER: tl.constexpr, CRITERION: tl.constexpr, PER_SAMPLE: tl.constexpr, VP: tl.constexpr,
         ACC: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
     ):  # fmt: skip
-        """Both stages in ONE program, for small latents (SD-1.5 at batch 1): the samples are
+        """Both stages in ONE program, for small latents (SD-1.5 up to batch 8): the samples are
         streamed one after another, so there is no second launch and no partials buffer."""
         lanes = tl.arange(0, BLOCK_B)
         live = lanes < B
@@ -521,7 +521,9 @@ _MIN_ELEMENTS_PER_PROGRAM = 2 * _BLOCK  # smaller chunks would be all launch and
 _DECIDE_TILE = 2048  # elements per [BLOCK_B, BLOCK_C] tile of the decide kernel
 # Up to this many elements per latent (all samples), one program streams everything and decides:
 # one launch instead of two. Beyond it the single program's serial loop costs more than a launch.
-_FUSED_MAX_ELEMENTS = 1 << 15
+# Measured on an H200 (bench/results/): one program was faster for SD-1.5 at batch 8 and SDXL at
+# batch 1 (131k and 65k elements) and slower for SDXL at batch 8 and video (524k, 262k and more).
+_FUSED_MAX_ELEMENTS = 1 << 17
 _FUSED_BLOCK = 4096
 _FUSED_NUM_WARPS = 8
 
