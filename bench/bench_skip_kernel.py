@@ -417,8 +417,8 @@ def test_skip_step(benchmark, monkeypatch, size, batch, criterion, variant):
 @pytest.mark.parametrize(
     "variant, programs_per_sm, num_warps",
     [("fused", None, None), ("triton", None, None), ("unfused", None, None),
-     ("triton", 2, 4), ("triton", 8, 4), ("triton", 8, 8), ("triton", 16, 8)],
-    ids=["fused", "triton", "unfused", "triton-pps2-w4", "triton-pps8-w4", "triton-pps8-w8", "triton-pps16-w8"],
+     ("triton", 4, 4), ("triton", 8, 4), ("triton", 16, 8), ("triton", 16, 16)],
+    ids=["fused", "triton", "unfused", "triton-pps4-w4", "triton-pps8-w4", "triton-pps16-w8", "triton-pps16-w16"],
 )  # fmt: skip
 def test_large_history(benchmark, monkeypatch, variant, programs_per_sm, num_warps):
     """The bandwidth case: 4 x 67 MB float16 latents (paper criterion, batch 8, 32 frames of

@@ -515,8 +515,10 @@ if triton is not None:
 
 # Launch geometry. Module-level so that bench/bench_skip_kernel.py can sweep them on a GPU.
 _BLOCK = 2048  # elements per loop iteration of a partials program
-_NUM_WARPS = 4  # warps per partials program (16 elements per thread and latent per iteration)
-_PROGRAMS_PER_SM = 4  # partials programs per SM the grid aims for
+# 8 programs of 8 warps per SM: the best of the geometries swept on an H200 for a 268 MB history
+# (bench/results/gpu_h200_*.md); 4 x 4 streamed about 5 points of peak bandwidth lower.
+_NUM_WARPS = 8  # warps per partials program (8 elements per thread and latent per iteration)
+_PROGRAMS_PER_SM = 8  # partials programs per SM the grid aims for
 _MIN_ELEMENTS_PER_PROGRAM = 2 * _BLOCK  # smaller chunks would be all launch and no streaming
 _DECIDE_TILE = 2048  # elements per [BLOCK_B, BLOCK_C] tile of the decide kernel
 # Up to this many elements per latent (all samples), one program streams everything and decides:
