@@ -182,12 +182,16 @@ class SkipController:
 
     @torch.no_grad()
     def _observe(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:
-        """Push x into the bounded history and run the kernel; returns the host flag bytes."""
+        """Push x into the bounded history and run the kernel; returns the host flag bytes.
+        Raises ``NonFiniteLatent`` when x holds NaN/Inf."""
         self._history.insert(0, (x, sigma))
         del self._history[self.rule.history :]
         latents, sigmas = zip(*self._history)
-        flags = self._ks.skip_update(latents, sigmas, self.state, step, self.rule, self.backend)
-        return flags.cpu().numpy()
+        flags = self._ks.skip_update(latents, sigmas, self.state, step, self.rule, self.backend).cpu().numpy()
+        bad = flags & self._ks.FLAG_NONFINITE
+        if bad.any():
+            raise NonFiniteLatent(step, np.flatnonzero(bad))
+        return flags
 
     def decide(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:
         """Rows that call the model at call ``step``. Raises ``NonFiniteLatent`` on NaN/Inf in x."""
@@ -195,8 +199,6 @@ class SkipController:
             compute = np.ones(x.shape[0], dtype=bool)
         else:
             flags = self._observe(step, x, sigma)
-            if np.any(flags & self._ks.FLAG_NONFINITE):
-                raise NonFiniteLatent(step, np.flatnonzero(flags & self._ks.FLAG_NONFINITE))
             compute = (flags & self._ks.FLAG_COMPUTE).astype(bool)
             if self.fixed is not None:
                 compute = self.fixed[:, step].copy()
@@ -209,9 +211,7 @@ class SkipController:
 
     def finish(self, x: torch.Tensor, sigma: torch.Tensor) -> None:
         """Observe the final latent (stats and NaN check; no decision)."""
-        flags = self._observe(self.num_steps, x, sigma)
-        if np.any(flags & self._ks.FLAG_NONFINITE):
-            raise NonFiniteLatent(self.num_steps, np.flatnonzero(flags & self._ks.FLAG_NONFINITE))
+        self._observe(self.num_steps, x, sigma)
 
 
 class NonFiniteLatent(FloatingPointError):
