@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .criteria import NonFiniteLatent, SkipController, SkipPolicy
+from .criteria import FixedMask, NonFiniteLatent, SkipController, SkipPolicy
 from .report import SkipReport
 
 __all__ = ["SkipRun", "check_sigmas", "check_latent", "slice_rows"]
@@ -98,8 +98,6 @@ class SkipRun:
             raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
         if skip is not None and not callable(getattr(skip, "start", None)):
             raise TypeError(f"skip must be a skip policy (ThirdOrder, FixedMask, ...) or None, got {skip!r}")
-        from .criteria import FixedMask
-
         self.model = model
         self.extra_args = extra_args or {}
         self.sampler = sampler

@@ -155,8 +155,8 @@ def check_update(latents, sigmas, before, ref, tri, step, rule):
 
     # 1. the NaN/Inf flag is exact, and a flagged row computes
     bad = ~torch.isfinite(latents[0].reshape(B, -1)).all(dim=1).cpu()
-    for name, st in (("torch", ref), ("triton", tri)):
-        flags = st.flags.cpu()
+    for name, updated in (("torch", ref), ("triton", tri)):
+        flags = updated.flags.cpu()
         assert torch.equal((flags & ks.FLAG_NONFINITE) != 0, bad), name
         assert ((flags & ks.FLAG_COMPUTE) != 0)[bad].all(), name
         assert ((flags & ~(ks.FLAG_COMPUTE | ks.FLAG_NONFINITE)) == 0).all(), name
@@ -245,10 +245,10 @@ def check_update(latents, sigmas, before, ref, tri, step, rule):
     assert torch.equal(comp_ref[must], comp_tri[must]), (comp_ref, comp_tri, must)
 
     # 5. the skip counter: each backend advances it on its own skips and resets it otherwise
-    for name, st, comp in (("torch", ref, comp_ref), ("triton", tri, comp_tri)):
+    for name, updated, comp in (("torch", ref, comp_ref), ("triton", tri, comp_tri)):
         want = torch.where(comp, torch.zeros_like(run_before), run_before + 1) if deciding else 0 * run_before
-        assert torch.equal(st.skip_run.cpu().long(), want), name
-        assert st.skip_run.dtype == torch.int32 and st.flags.dtype == torch.int8
+        assert torch.equal(updated.skip_run.cpu().long(), want), name
+        assert updated.skip_run.dtype == torch.int32 and updated.flags.dtype == torch.int8
     uniform_state = (pd_before == pd_before[0]).all() and (run_before == run_before[0]).all()
     if not rule.per_sample and deciding and uniform_state:  # as a pooled call keeps it: one decision
         assert (comp_ref == comp_ref[0]).all() and (comp_tri == comp_tri[0]).all()
@@ -444,8 +444,8 @@ def test_non_finite_newest_latent_computes(value, criterion, per_sample, dtype):
         assert (clean_ref.flags.cpu() == 0).all() and (clean_tri.flags.cpu() == 0).all(), "smooth rows skip"
     latents[0][1, 2, 3, 4] = value
     ref, tri = run_both(latents, sigmas, state, 6, rule)
-    for st in (ref, tri):
-        flags = st.flags.cpu().tolist()
+    for updated in (ref, tri):
+        flags = updated.flags.cpu().tolist()
         assert flags[1] == ks.FLAG_COMPUTE | ks.FLAG_NONFINITE
         others = [flags[0], flags[2]]
         if criterion == ks.NONE or not per_sample:

@@ -565,7 +565,7 @@ def _launch(state: SkipState, kernel, grid: tuple, args: dict, options: dict, dy
             return
         except (TypeError, ValueError, AttributeError, IndexError) as e:  # a Triton whose launcher API differs
             _fast_launch = False
-            warnings.warn(f"re-launching compiled Triton kernels failed ({e!r}); using the normal launch path")
+            warnings.warn(f"re-launching compiled Triton kernels failed ({e!r}); using the normal launch path", stacklevel=2)
     compiled = kernel[grid](**args, **options)
     if _fast_launch and grid is not None and hasattr(compiled, "__getitem__") and hasattr(kernel, "arg_names"):
         state.launches[key] = compiled
