@@ -1,7 +1,7 @@
 """Baseline skip paths at a given number of model calls K (per sample): uniform stride, random,
 and the greedy optimal path of the paper's evaluation.
 
-"Fewer steps" (a K-step grid of the same kind) is not a mask; ``evaluate`` runs it directly.
+"Fewer steps" is not a mask but a shorter grid of the same kind: ``fewer_steps``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from .criteria import FixedMask
 from .runner import slice_rows
 
-__all__ = ["uniform_mask", "random_mask", "greedy_masks"]
+__all__ = ["uniform_mask", "random_mask", "fewer_steps", "greedy_masks"]
 
 
 def _check_k(k: int, n: int) -> None:
@@ -37,6 +37,29 @@ def random_mask(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     mask[0] = True
     mask[1 + rng.choice(n - 1, size=k - 1, replace=False)] = True
     return mask
+
+
+def fewer_steps(
+    sample: Callable,
+    model: Callable,
+    noise: torch.Tensor,
+    schedule: Callable[[int], torch.Tensor],
+    steps: Sequence[int],
+    extra_args: dict | None = None,
+) -> torch.Tensor:
+    """Sample row b on a ``steps[b]``-step grid ``schedule(steps[b])``, every step computed, from
+    ``noise[b] * sigma_max`` of that grid: the "fewer steps" baseline at a per-sample NFE. Rows
+    with the same K run as one batch."""
+    steps = np.asarray(steps)
+    extra_args = extra_args or {}
+    out = None
+    for k in np.unique(steps):
+        rows = torch.from_numpy(np.flatnonzero(steps == k))
+        grid = schedule(int(k))
+        part, _ = sample(model, noise[rows] * grid[0], grid, slice_rows(extra_args, rows, len(steps)), disable=True)
+        out = part.new_empty((len(steps), *part.shape[1:])) if out is None else out
+        out[rows.to(out.device)] = part
+    return out
 
 
 class _SharedPrefixModel:

@@ -32,11 +32,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .baselines import greedy_masks, random_mask, uniform_mask
+from .baselines import fewer_steps, greedy_masks, random_mask, uniform_mask
 from .criteria import FixedMask, SkipPolicy
 from .metrics import max_abs_error, psnr, ssim
 from .progress import Bar
-from .runner import slice_rows
 from .sampling import sample_ddim, sample_dpmpp_2m, sample_euler
 
 __all__ = ["evaluate", "Evaluation", "Result", "Association", "SAMPLERS", "BASELINES"]
@@ -148,7 +147,6 @@ def evaluate(
         raise ValueError("policies must name at least one policy")
     greedy_for = list(policies) if greedy_for is None else list(greedy_for)
     extra_args = extra_args or {}
-    B = noise.shape[0]
     images = noise.ndim == 4 and min(noise.shape[-2:]) >= 3
     rng = np.random.default_rng(seed)
     sigmas = schedule(steps)
@@ -186,25 +184,20 @@ def evaluate(
                 measure(name, "adaptive", pname, rep.nfe, out, sec, rep.computed)
                 bar.update()
                 k = rep.nfe
-                if "uniform" in baselines:
-                    mask = np.stack([uniform_mask(steps, int(kb)) for kb in k])
+
+                def replay(method, mask):
                     (out, _), sec = timed(sample, model, x, sigmas, extra_args, disable=True, skip=FixedMask(mask))
-                    measure(name, "uniform", pname, k, out, sec, mask)
+                    measure(name, method, pname, k, out, sec, mask)
                     bar.update()
+
+                if "uniform" in baselines:
+                    replay("uniform", np.stack([uniform_mask(steps, int(kb)) for kb in k]))
                 if "fewer_steps" in baselines:
-                    out, t0 = torch.empty_like(ref), time.perf_counter()
-                    for kb in np.unique(k):
-                        rows = torch.from_numpy(np.flatnonzero(k == kb))
-                        grid = schedule(int(kb))
-                        o, _ = sample(model, noise[rows] * grid[0], grid, slice_rows(extra_args, rows, B), disable=True)
-                        out[rows] = o
-                    measure(name, "fewer_steps", pname, k, out, time.perf_counter() - t0)
+                    out, sec = timed(fewer_steps, sample, model, noise, schedule, k, extra_args)
+                    measure(name, "fewer_steps", pname, k, out, sec)
                     bar.update()
                 if "random" in baselines:
-                    mask = np.stack([random_mask(steps, int(kb), rng) for kb in k])
-                    (out, _), sec = timed(sample, model, x, sigmas, extra_args, disable=True, skip=FixedMask(mask))
-                    measure(name, "random", pname, k, out, sec, mask)
-                    bar.update()
+                    replay("random", np.stack([random_mask(steps, int(kb), rng) for kb in k]))
                 if "greedy" in baselines and pname in greedy_for:
                     warmup = getattr(policy, "warmup", 4)
                     t0 = time.perf_counter()

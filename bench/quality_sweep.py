@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from adaptive_sampling import FixedMask, ThirdOrder, get_sigmas_karras
-from adaptive_sampling.baselines import uniform_mask
+from adaptive_sampling.baselines import fewer_steps, uniform_mask
 from adaptive_sampling.evaluate import SAMPLERS, evaluate
 from adaptive_sampling.metrics import psnr
 from adaptive_sampling.progress import Bar
@@ -79,11 +79,7 @@ def sweep(name, model, noise, extra, schedule, steps, bar):
             out, rep = sample(model, x, sigmas, extra, disable=True, skip=policy)
             k = rep.nfe
             uni, _ = sample(model, x, sigmas, extra, disable=True, skip=FixedMask(np.stack([uniform_mask(steps, int(v)) for v in k])))
-            few = torch.empty_like(ref)
-            for kb in np.unique(k):
-                idx = torch.from_numpy(np.flatnonzero(k == kb))
-                grid = schedule(int(kb))
-                few[idx], _ = sample(model, noise[idx] * grid[0], grid, {"y": extra["y"][idx]}, disable=True)
+            few = fewer_steps(sample, model, noise, schedule, k, extra)
             rows.append(dict(workload=name, sampler=sampler, policy=policy, nfe=float(k.mean()),
                              adaptive=float(psnr(out, ref).mean()), uniform=float(psnr(uni, ref).mean()),
                              fewer=float(psnr(few, ref).mean())))  # fmt: skip
