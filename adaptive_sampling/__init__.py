@@ -12,7 +12,7 @@ every solver update still runs. Decisions are per sample by default.
 Importing this package loads torch and numpy only (no k_diffusion, triton, scipy, matplotlib).
 """
 
-from .criteria import FixedMask, SkipPolicy, ThirdOrder, default_space
+from .policies import Budget, Controller, Extrapolate, FixedMask, LocalError, SkipPolicy, ThirdOrder, default_space
 from .models import denoiser_from_eps, denoiser_from_v, denoiser_from_x0
 from .report import SkipReport
 from .sampling import sample_ddim, sample_dpmpp_2m, sample_euler
@@ -23,7 +23,11 @@ __version__ = "0.1.0"
 __all__ = [
     "ThirdOrder",
     "FixedMask",
+    "LocalError",
+    "Budget",
+    "Extrapolate",
     "SkipPolicy",
+    "Controller",
     "SkipReport",
     "default_space",
     "sample_ddim",

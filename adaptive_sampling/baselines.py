@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .criteria import FixedMask
+from .policies import FixedMask
 from .runner import slice_rows
 
 __all__ = ["uniform_mask", "random_mask", "fewer_steps", "greedy_masks"]

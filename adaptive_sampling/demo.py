@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .baselines import uniform_mask
-from .criteria import FixedMask, ThirdOrder
+from .policies import FixedMask, ThirdOrder
 from .evaluate import SAMPLERS, evaluate
 from .metrics import psnr
 from .progress import Bar

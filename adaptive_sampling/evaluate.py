@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .baselines import fewer_steps, greedy_masks, random_mask, uniform_mask
-from .criteria import FixedMask, SkipPolicy
+from .policies import FixedMask, SkipPolicy
 from .metrics import max_abs_error, psnr, ssim
 from .progress import Bar
 from .sampling import sample_ddim, sample_dpmpp_2m, sample_euler

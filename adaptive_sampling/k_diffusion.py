@@ -65,7 +65,7 @@ from typing import Any, Callable
 
 import torch
 
-from .criteria import SkipPolicy, ThirdOrder
+from .policies import SkipPolicy, ThirdOrder
 from .runner import SkipRun
 from .steppers import ancestral_split
 

@@ -19,12 +19,19 @@ class SkipReport:
     extra_evaluations: evaluations per sample that are never skipped (the second call of each
                  step of a two-call sampler such as Heun; 0 for one-call samplers).
     scores:      [B, N] the criterion value that decided call k (NaN where nothing was decided:
-                 warm-up, fixed masks). Skip iff score <= delta (reference) or < delta (paper).
+                 warm-up, fixed masks). ThirdOrder: skip iff score <= delta (reference) or < delta
+                 (paper); LocalError: the error estimate, skip iff < tol; Budget: the rule's score
+                 in units of its threshold.
     capped:      [B, N] bool, call k computed because ``max_skips`` consecutive skips were reached.
     stats:       [B, N, 3] of latent x_i (the output of step i), in the measured space:
                  mean|x_i - x_{i-1}|, ||x_i - x_{i-1}||_2, ||x_i - 3x_{i-1} + 3x_{i-2} - x_{i-3}||_2
                  (NaN where the history does not reach or the criterion does not need it).
+    signals:     every signal the policy's controller reported (``scores``, ``capped``, ``stats``
+                 and any others, e.g. Budget's ``forced``), by name.
     sampler, policy, space: what produced it.
+
+    ``SkipReport.build`` fills ``scores`` / ``capped`` / ``stats`` from the signals, with NaN /
+    False where a policy reports none.
     """
 
     computed: np.ndarray
@@ -36,7 +43,16 @@ class SkipReport:
     policy: str
     space: str | None
     extra_evaluations: int = 0
+    signals: dict = field(default_factory=dict, repr=False)
     nfe: np.ndarray = field(init=False)
+
+    @classmethod
+    def build(cls, computed: np.ndarray, signals: dict, **fields) -> "SkipReport":
+        B, N = computed.shape
+        scores = signals.get("scores", np.full((B, N), np.nan, dtype=np.float32))
+        capped = signals.get("capped", np.zeros((B, N), dtype=bool))
+        stats = signals.get("stats", np.full((B, N, 3), np.nan, dtype=np.float32))
+        return cls(computed=computed, scores=scores, capped=capped, stats=stats, signals=signals, **fields)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nfe", self.computed.sum(axis=1) + self.extra_evaluations)

@@ -7,9 +7,13 @@ call and asks it for the denoiser output of each step. The run
 * asks the policy's controller which rows call the model (one device-to-host read per step);
 * calls the model on exactly those rows (gather, call, scatter; batch-leading tensors in
   ``extra_args`` are sliced alike) and checks what comes back;
-* answers skipped rows with ``x - sigma * eps_prev``: the previous noise prediction, re-expressed
-  at the current latent and sigma. Reuse is of eps, never of the cached x0 (SPEC.md);
-* builds the ``SkipReport``.
+* answers skipped rows with ``x - sigma * eps_hat``, where ``eps_hat`` is what the controller's
+  reuse strategy gives (the last eps, or a forecast), re-expressed at the current latent and
+  sigma. Reuse is of eps, never of the cached x0 (SPEC.md); computed rows' eps are recorded
+  back into the controller;
+* builds the ``SkipReport`` from its own bookkeeping (mask, NFE, calls) and the controller's
+  ``signals()``. The runner never reads a controller's fields: any object that follows the
+  protocol of ``policies.base`` works.
 
 State lives on the instance only, so a failed call leaves nothing behind and concurrent calls
 (threads) do not interact.
@@ -22,10 +26,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .criteria import FixedMask, NonFiniteLatent, SkipController, SkipPolicy
+from .policies import FixedMask, NonFiniteLatent, SkipPolicy
+from .policies.base import Controller
 from .report import SkipReport
 
-__all__ = ["SkipRun", "check_sigmas", "check_latent", "slice_rows"]
+__all__ = ["SkipRun", "as_sigmas", "check_sigmas", "check_latent", "slice_rows"]
 
 
 def check_latent(x: Any, name: str = "x") -> torch.Tensor:
@@ -39,13 +44,22 @@ def check_latent(x: Any, name: str = "x") -> torch.Tensor:
     return x
 
 
+def as_sigmas(sigmas: Any, name: str = "sigmas") -> torch.Tensor:
+    """A sigma schedule as a tensor: tensors pass unchanged, lists / tuples / numpy arrays of
+    numbers become float64 CPU tensors; anything else is a TypeError naming the argument."""
+    if isinstance(sigmas, torch.Tensor):
+        return sigmas
+    if isinstance(sigmas, (list, tuple, np.ndarray)):
+        try:
+            return torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must be a 1-D tensor (or list / numpy array) of noise levels") from e
+    raise TypeError(f"{name} must be a 1-D tensor (or list / numpy array) of noise levels, got {type(sigmas).__name__}")
+
+
 def check_sigmas(sigmas: Any, name: str = "sigmas") -> torch.Tensor:
     """Validate a sigma schedule; returns a float64 CPU copy (one read at the start of a call)."""
-    if not isinstance(sigmas, torch.Tensor):
-        try:
-            sigmas = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"{name} must be a 1-D tensor of noise levels") from e
+    sigmas = as_sigmas(sigmas, name)
     if sigmas.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(sigmas.shape)}")
     if len(sigmas) < 2:
@@ -102,12 +116,14 @@ class SkipRun:
         self.extra_args = extra_args or {}
         self.sampler = sampler
         self.policy = skip
+        self.given = as_sigmas(sigmas)  # the caller's grid as a tensor (its device and dtype)
+        self.schedule = self.given.detach().cpu()  # the same on the host, for the solver updates
         self.num_steps = len(self.sigmas) - 1
         self.batch = x.shape[0]
-        self.controller: SkipController = (skip or FixedMask(np.ones(self.num_steps, bool))).start(
-            x, self.num_steps, sampler
-        )
-        self.eps: torch.Tensor | None = None  # noise prediction of each row's latest model call
+        policy = skip or FixedMask(np.ones(self.num_steps, bool))
+        self.controller: Controller = policy.start(x, self.num_steps, sampler, sigmas=self.sigmas)
+        self.can_skip = bool(getattr(self.controller, "can_skip", True))
+        self.computed = np.zeros((self.batch, self.num_steps), dtype=bool)
         self.model_calls = 0
         self.extra_evaluations = 0  # per-row evaluations outside the skippable calls
         self.last_output: torch.Tensor | None = None
@@ -121,25 +137,37 @@ class SkipRun:
         """
         extra_args = self.extra_args if extra_args is None else extra_args
         try:
-            compute = self.controller.decide(step, x, sigma)
+            compute = self._decide(step, x, sigma)
         except NonFiniteLatent as e:
             raise self._non_finite_error(e) from None
         self.last_computed = compute
+        self.computed[:, step] = compute
         if compute.all():
             denoised = self._call_model(step, x, sigma, extra_args)
-            if self.controller.can_skip:
-                self.eps = (x - denoised) / _rows(sigma, x)
+            if self.can_skip:
+                self.controller.record(step, sigma, (x - denoised) / _rows(sigma, x), None)
             return denoised
         sigma_rows = _rows(sigma, x)
-        denoised = x - sigma_rows * self.eps
+        denoised = x - sigma_rows * self.controller.reuse(step, sigma)
         if compute.any():
             rows = torch.from_numpy(np.flatnonzero(compute)).to(x.device)
             x_rows = x.index_select(0, rows)
             extra = slice_rows(extra_args, rows, self.batch)
             out = self._call_model(step, x_rows, sigma.index_select(0, rows), extra)
             denoised.index_copy_(0, rows, out)
-            self.eps.index_copy_(0, rows, (x_rows - out) / sigma_rows.index_select(0, rows))
+            eps = (x_rows - out) / sigma_rows.index_select(0, rows)
+            self.controller.record(step, sigma.index_select(0, rows), eps, rows)
         return denoised
+
+    def _decide(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:
+        """The controller's decision, checked against the protocol (one bool per row, call 0 computes)."""
+        compute = self.controller.decide(step, x, sigma)
+        if not isinstance(compute, np.ndarray) or compute.shape != (self.batch,) or compute.dtype != bool:
+            got = f"{compute.dtype} array of shape {compute.shape}" if isinstance(compute, np.ndarray) else type(compute).__name__
+            raise TypeError(f"the skip policy's decide() must return a numpy bool array of shape ({self.batch},), got {got}")
+        if step == 0 and not compute.all():
+            raise ValueError("the skip policy skipped call 0, which has no prediction to reuse")
+        return compute
 
     def call_model(self, step: int, x: torch.Tensor, sigma: torch.Tensor, extra_args: dict | None = None) -> torch.Tensor:
         """An extra model call that is never skipped (the second call of a two-call step).
@@ -149,8 +177,8 @@ class SkipRun:
         extra_args = self.extra_args if extra_args is None else extra_args
         denoised = self._call_model(step, x, sigma, extra_args)
         self.extra_evaluations += 1
-        if self.controller.can_skip:
-            self.eps = (x - denoised) / _rows(sigma, x)
+        if self.can_skip:
+            self.controller.record(step, sigma, (x - denoised) / _rows(sigma, x), None)
         return denoised
 
     def _call_model(self, step, x, sigma, extra) -> torch.Tensor:
@@ -182,17 +210,17 @@ class SkipRun:
             self.controller.finish(x, sigma)
         except NonFiniteLatent as e:
             raise self._non_finite_error(e) from None
-        c = self.controller
-        return SkipReport(
-            computed=c.computed.copy(),
+        if not bool(torch.isfinite(x).all()):  # for controllers that check nothing themselves
+            raise self._non_finite_error(NonFiniteLatent(self.num_steps, np.flatnonzero(
+                ~torch.isfinite(x.reshape(self.batch, -1)).all(dim=1).cpu().numpy())))
+        return SkipReport.build(
+            computed=self.computed.copy(),
             model_calls=self.model_calls,
             extra_evaluations=self.extra_evaluations,
-            scores=c.state.scores.T.cpu().numpy(),
-            capped=c.capped.copy(),
-            stats=c.state.stats.transpose(0, 1).cpu().numpy(),
+            signals=dict(self.controller.signals()),
             sampler=self.sampler,
             policy=repr(self.policy) if self.policy is not None else "no skipping",
-            space=c.space,
+            space=getattr(self.controller, "space", None),
         )
 
     def sigma_rows(self, step: int, x: torch.Tensor) -> torch.Tensor:

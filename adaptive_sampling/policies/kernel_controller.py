@@ -1,0 +1,104 @@
+"""The controller behind ``ThirdOrder`` and ``FixedMask``: a bounded latent history driven
+through the fused skip kernel (``kernels.skip_stats``), whose flag bytes are the one
+device-to-host read per step (decision + NaN/Inf check of the latent).
+
+All arithmetic of the third-order rule lives in the kernel module (one dispatch, torch or
+Triton); this module only wires parameters, history and bookkeeping.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import Controller
+from .reuse import Reuse
+
+__all__ = ["KernelController", "NonFiniteLatent"]
+
+
+class NonFiniteLatent(FloatingPointError):
+    """The latent entering call ``step`` (produced by step ``step - 1``) holds NaN or Inf."""
+
+    def __init__(self, step: int, rows: np.ndarray) -> None:
+        self.step, self.rows = step, rows
+        super().__init__(f"latent produced by step {step - 1} holds NaN/Inf in batch rows {rows.tolist()}")
+
+
+class KernelController(Controller):
+    """The decision state of one sampling call (made by a policy's ``start``; never shared).
+
+    ``decide(k, x, sigma)`` observes the latent x entering call k (at noise level ``sigma``, [B])
+    and returns a host bool array: which rows call the model. That costs exactly one
+    device-to-host read (the flag bytes) per step; everything else stays on the device.
+    ``rule=None`` runs the kernel for its NaN check only; ``fixed`` [B, N] then replays a mask.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        num_steps: int,
+        rule,
+        space: str | None,
+        backend: str | None,
+        fixed: np.ndarray | None = None,
+        reuse: Reuse | str = "copy",
+    ) -> None:
+        from ..kernels import skip_stats as ks
+
+        super().__init__(x, num_steps, reuse)
+        self._ks = ks
+        self.rule = rule if rule is not None else ks.SkipRule(criterion=ks.NONE)
+        self.space = space
+        self.fixed = fixed
+        self.backend = ks.resolve_backend(x.device, backend)
+        B = x.shape[0]
+        self.state = ks.SkipState.new(x, num_steps, self.rule.delta)
+        self.computed = np.zeros((B, num_steps), dtype=bool)
+        self.capped = np.zeros((B, num_steps), dtype=bool)
+        self._run = np.zeros(B, dtype=np.int64)  # host copy of the skip counter, for `capped`
+        self._history: list[tuple[torch.Tensor, torch.Tensor]] = []  # newest first, bounded
+
+    @property
+    def can_skip(self) -> bool:  # type: ignore[override]
+        return self.fixed is not None or self.rule.criterion != self._ks.NONE
+
+    @torch.no_grad()
+    def _observe(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:
+        """Push x into the bounded history and run the kernel; returns the host flag bytes.
+        Raises ``NonFiniteLatent`` when x holds NaN/Inf."""
+        self._history.insert(0, (x, sigma))
+        del self._history[self.rule.history :]
+        latents, sigmas = zip(*self._history)
+        flags = self._ks.skip_update(latents, sigmas, self.state, step, self.rule, self.backend).cpu().numpy()
+        bad = flags & self._ks.FLAG_NONFINITE
+        if bad.any():
+            raise NonFiniteLatent(step, np.flatnonzero(bad))
+        return flags
+
+    def decide(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:
+        """Rows that call the model at call ``step``. Raises ``NonFiniteLatent`` on NaN/Inf in x."""
+        if step == 0:  # the initial noise is not part of the history (checked by the caller)
+            compute = np.ones(x.shape[0], dtype=bool)
+        else:
+            flags = self._observe(step, x, sigma)
+            compute = (flags & self._ks.FLAG_COMPUTE).astype(bool)
+            if self.fixed is not None:
+                compute = self.fixed[:, step].copy()
+            elif self.rule.criterion != self._ks.NONE and step >= self.rule.warmup:
+                window, active = self._ks.cap_window(step, self.rule)
+                self.capped[:, step] = active & (self._run >= window)
+        self._run = np.where(compute, 0, self._run + 1)
+        self.computed[:, step] = compute
+        return compute
+
+    def finish(self, x: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Observe the final latent (stats and NaN check; no decision)."""
+        self._observe(self.num_steps, x, sigma)
+
+    def signals(self) -> dict[str, np.ndarray]:
+        return {
+            "scores": self.state.scores.T.cpu().numpy(),
+            "capped": self.capped.copy(),
+            "stats": self.state.stats.transpose(0, 1).cpu().numpy(),
+        }
