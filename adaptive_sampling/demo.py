@@ -3,15 +3,17 @@
     python -m adaptive_sampling.demo [--steps 50] [--batch 10] [--out demo_output]
 
 On the shipped class-conditional digits denoiser (classifier-free guidance, one sample per
-class), for DDIM, DPM-Solver++(2M) and Euler with a 50-step Karras grid, it runs the default
-policy (reference criterion) and the paper criterion, and every baseline at the same number of
-model calls per sample: uniform stride, fewer steps, a random mask and the greedy optimal path.
+class), for DDIM, DPM-Solver++(2M) and Euler with a 50-step Karras grid, it runs the paper's
+rule (``ThirdOrder``, reference and paper criteria), the newer families (``LocalError`` with an
+eps forecast, ``Budget`` at 60% of the calls, a uniform-stride mask with an eps forecast), and
+every baseline at the same number of model calls per sample: uniform stride, fewer steps, a
+random mask and the greedy optimal path (for the reference rule).
 It prints one table (NFE, speedup = steps / NFE, PSNR and SSIM against the full-step output)
 and writes to the output folder:
 
 * ``grid.png``: full / adaptive / uniform / fewer steps, per sampler;
-* ``nfe_vs_psnr.png``: quality against calls for both criteria over a delta sweep, with the
-  uniform-stride and fewer-steps curves and the greedy oracle;
+* ``nfe_vs_psnr.png``: quality against calls for every family over its threshold or budget,
+  with the uniform-stride and fewer-steps curves and the greedy oracle;
 * ``masks.png``: which steps each sample computed (adaptive and greedy);
 * ``table.md``: the printed table.
 
@@ -29,13 +31,27 @@ import numpy as np
 import torch
 
 from .baselines import uniform_mask
-from .policies import FixedMask, ThirdOrder
+from .policies import Budget, Extrapolate, FixedMask, LocalError, ThirdOrder
 from .evaluate import SAMPLERS, evaluate
 from .metrics import psnr
 from .progress import Bar
 from .schedules import get_sigmas_karras
 
 DELTAS = {"reference": [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5], "paper": [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2]}
+TOLS = [1e-4, 3e-4, 6e-4, 1e-3, 2e-3, 4e-3, 1e-2, 3e-2]
+FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def demo_policies(steps: int) -> dict:
+    """The families the demo compares: the paper's rule (both criteria) and the newer ones."""
+    k = max(5, round(0.6 * steps))
+    return {
+        "reference": ThirdOrder(),
+        "paper": ThirdOrder(criterion="paper"),
+        "local_error": LocalError(),
+        f"budget({k})": Budget(k),
+        f"uniform({k})+forecast": FixedMask(uniform_mask(steps, k), reuse=Extrapolate(1)),
+    }
 
 
 def _parse(argv):
@@ -68,12 +84,12 @@ def main(argv=None) -> int:
     noise = torch.randn(args.batch, 1, 8, 8, generator=torch.Generator().manual_seed(args.seed))
     schedule = partial(get_sigmas_karras, sigma_min=RECOMMENDED_SIGMA_MIN, sigma_max=RECOMMENDED_SIGMA_MAX)
     extra = {"y": labels}
-    policies = {"reference": ThirdOrder(), "paper": ThirdOrder(criterion="paper")}
+    policies = demo_policies(args.steps)
     print(f"digits denoiser, {args.batch} samples (classes {labels.tolist()}), {args.steps} Karras steps "
           f"sigma {RECOMMENDED_SIGMA_MAX:g} -> {RECOMMENDED_SIGMA_MIN:g}, guidance {args.cond_scale:g}")  # fmt: skip
-    baselines = ("uniform", "fewer_steps", "random") + (() if args.no_greedy else ("greedy",))
+    baselines = ("uniform", "fewer_steps", "dpmpp_2m_steps", "random") + (() if args.no_greedy else ("greedy",))
     ev = evaluate(model, noise, schedule, policies, steps=args.steps, extra_args=extra, baselines=baselines,
-                  disable=args.quiet)  # fmt: skip
+                  greedy_for=["reference"], disable=args.quiet)  # fmt: skip
     curves = _sweep(model, noise, schedule, extra, ev, args.steps, args.quiet)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -94,12 +110,19 @@ def main(argv=None) -> int:
 
 
 def _sweep(model, noise, schedule, extra, ev, steps, quiet):
-    """Mean NFE and PSNR per sampler for both criteria over deltas, and for uniform / fewer steps over K."""
-    ks = sorted({max(4, round(steps * f)) for f in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)})
+    """Mean NFE and PSNR per sampler for every family over its threshold (or budget), and for
+    uniform / fewer steps over K."""
+    ks = sorted({max(4, round(steps * f)) for f in FRACTIONS})
     sigmas = schedule(steps)
-    total = len(SAMPLERS) * (sum(len(d) for d in DELTAS.values()) + 2 * len(ks))
+    families = {
+        **{c: [ThirdOrder(delta=d, criterion=c) for d in deltas] for c, deltas in DELTAS.items()},
+        "local_error": [LocalError(tol=t) for t in TOLS],
+        "budget": [Budget(max(k, 4)) for k in ks],
+        "uniform+forecast": [FixedMask(uniform_mask(steps, k), reuse=Extrapolate(1)) for k in ks],
+    }
+    total = len(SAMPLERS) * (sum(len(v) for v in families.values()) + 2 * len(ks))
     curves = {}
-    with Bar(total, "delta sweep", quiet) as bar:
+    with Bar(total, "families sweep", quiet) as bar:
         for name, sample in SAMPLERS.items():
             ref = ev.references[name]
             x = noise * sigmas[0]
@@ -107,13 +130,13 @@ def _sweep(model, noise, schedule, extra, ev, steps, quiet):
             def point(out, nfe):
                 return float(np.mean(nfe)), float(np.mean(psnr(out, ref)))
 
-            for criterion, deltas in DELTAS.items():
+            for family, policies in families.items():
                 pts = []
-                for d in deltas:
-                    out, rep = sample(model, x, sigmas, extra, disable=True, skip=ThirdOrder(delta=d, criterion=criterion))
+                for policy in policies:
+                    out, rep = sample(model, x, sigmas, extra, disable=True, skip=policy)
                     pts.append(point(out, rep.nfe))
                     bar.update()
-                curves[(name, criterion)] = pts
+                curves[(name, family)] = pts
             uni, few = [], []
             for k in ks:
                 out, rep = sample(model, x, sigmas, extra, disable=True, skip=FixedMask(uniform_mask(steps, k)))
@@ -163,14 +186,16 @@ def _plot_curves(ev, curves, path):
     import matplotlib.pyplot as plt
 
     samplers = list(ev.references)
-    fig, axes = plt.subplots(1, len(samplers), figsize=(4.2 * len(samplers), 3.6), squeeze=False)
-    style = {"reference": "o-", "paper": "s-", "uniform": "^--", "fewer_steps": "v--"}
+    fig, axes = plt.subplots(1, len(samplers), figsize=(4.6 * len(samplers), 4.0), squeeze=False)
+    style = {"reference": "o-", "paper": "s-", "local_error": "D-", "budget": "P-", "uniform+forecast": "X-",
+             "uniform": "^--", "fewer_steps": "v--"}  # fmt: skip
+    sweep = {"reference": " (delta sweep)", "paper": " (delta sweep)", "local_error": " (tol sweep)", "budget": " (nfe sweep)"}
     for ax, name in zip(axes[0], samplers):
         for key, fmt in style.items():
             pts = np.array(curves[(name, key)])
-            ax.plot(pts[:, 0], pts[:, 1], fmt, ms=4, label=key.replace("_", " ") + (" (delta sweep)" if key in DELTAS else ""))
-        for r in ev.select(name, "greedy"):
-            ax.plot(np.mean(r.nfe), np.mean(r.psnr), "k*", ms=10, label="greedy oracle")
+            ax.plot(pts[:, 0], pts[:, 1], fmt, ms=4, label=key.replace("_", " ") + sweep.get(key, ""))
+        for i, r in enumerate(ev.select(name, "greedy")):
+            ax.plot(np.mean(r.nfe), np.mean(r.psnr), "k*", ms=10, label="greedy oracle" if i == 0 else None)
         ax.set_title(f"{name}, {ev.steps} steps", fontsize=9)
         ax.set_xlabel("model calls per sample (NFE)")
         ax.set_ylabel("PSNR vs full run (dB)")

@@ -14,8 +14,14 @@ gives K = its NFE per sample, and each baseline is run at exactly that K per sam
 * ``uniform``: K calls at a uniform stride (``FixedMask``);
 * ``fewer_steps``: a K-step grid of the same kind (``schedule(K)``), every step computed. For
   DDPM-discrete grids pass a trailing-spacing schedule: leading spacing moves the start;
+* ``dpmpp_2m_steps``: DPM-Solver++(2M) on a K-step grid of the same kind, the fast solver a
+  user would pick instead of skipping (for the ``dpmpp_2m`` sampler it equals ``fewer_steps``);
 * ``random``: step 0 plus K - 1 random calls;
 * ``greedy``: the greedy optimal path (``baselines.greedy_masks``), the paper's oracle.
+
+With ``truth_steps``, every output is also scored against a fine ODE solve (DPM-Solver++(2M) on
+``schedule(truth_steps)`` from the same noise, e.g. 250 steps): ``Result.psnr_truth``. Being
+close to the N-step run includes that run's own discretisation error; the truth does not.
 
 Metrics per sample: PSNR (capped at 100 dB; ``data_range`` is the width of the data's value
 range), SSIM (images only), max-abs error, NFE; wall-clock seconds per run on this machine.
@@ -41,7 +47,7 @@ from .sampling import sample_ddim, sample_dpmpp_2m, sample_euler
 __all__ = ["evaluate", "Evaluation", "Result", "Association", "SAMPLERS", "BASELINES"]
 
 SAMPLERS: dict[str, Callable] = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m, "euler": sample_euler}
-BASELINES = ("uniform", "fewer_steps", "random", "greedy")
+BASELINES = ("uniform", "fewer_steps", "dpmpp_2m_steps", "random", "greedy")
 
 
 @dataclass
@@ -58,6 +64,7 @@ class Result:
     seconds: float
     output: torch.Tensor = field(repr=False)
     mask: np.ndarray | None = field(default=None, repr=False)  # [B, N] for mask-based methods
+    psnr_truth: np.ndarray | None = None  # against the fine ODE solve (``truth_steps``)
 
 
 @dataclass
@@ -88,13 +95,15 @@ class Evaluation:
 
     def table(self) -> str:
         """One markdown table: mean NFE, speedup = steps / mean NFE, mean PSNR / SSIM, worst max-abs, seconds."""
+        truth = any(r.psnr_truth is not None for r in self.results)
         head = "| sampler | method | matches | NFE | speedup | PSNR (dB) | SSIM | max abs err | seconds |"
-        lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines = [head + (" PSNR vs ODE truth (dB) |" if truth else ""), "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if truth else "")]
         for r in self.results:
             s = "-" if r.ssim is None else f"{np.mean(r.ssim):.4f}"
+            t = (f" {np.mean(r.psnr_truth):.2f} |" if r.psnr_truth is not None else " - |") if truth else ""
             lines.append(
                 f"| {r.sampler} | {r.method} | {r.policy or '-'} | {np.mean(r.nfe):.1f} | "
-                f"{self.steps / np.mean(r.nfe):.2f}x | {np.mean(r.psnr):.2f} | {s} | {np.max(r.max_abs):.3g} | {r.seconds:.2f} |"
+                f"{self.steps / np.mean(r.nfe):.2f}x | {np.mean(r.psnr):.2f} | {s} | {np.max(r.max_abs):.3g} | {r.seconds:.2f} |{t}"
             )
         if self.associations:
             lines += ["", "| sampler | policy | chi-square | p-value | table [[cc, cs], [sc, ss]] (policy, greedy) |",
@@ -129,13 +138,15 @@ def evaluate(
     data_range: float = 2.0,
     seed: int = 0,
     disable: bool | None = None,
+    truth_steps: int | None = None,
 ) -> Evaluation:
     """Run every policy and baseline on every sampler; see the module docstring.
 
     model: k-diffusion-convention denoiser. noise: [B, ...] standard-normal initial noise (each
     run starts from ``noise * sigmas[0]`` of its own grid). schedule: n -> sigmas (n steps).
     policies: name -> policy. greedy_for: policy names to run the (costly) greedy search for
-    (default: all). disable: hide the progress bar.
+    (default: all). disable: hide the progress bar. truth_steps: also score against a
+    DPM-Solver++(2M) solve with this many steps (``Result.psnr_truth``).
     """
     unknown = [s for s in samplers if s not in SAMPLERS]
     if unknown:
@@ -145,6 +156,8 @@ def evaluate(
         raise ValueError(f"unknown baselines {bad}; choose from {list(BASELINES)}")
     if not policies:
         raise ValueError("policies must name at least one policy")
+    if truth_steps is not None and (not isinstance(truth_steps, int) or truth_steps < 1):
+        raise ValueError(f"truth_steps must be a positive int or None, got {truth_steps!r}")
     greedy_for = list(policies) if greedy_for is None else list(greedy_for)
     extra_args = extra_args or {}
     images = noise.ndim == 4 and min(noise.shape[-2:]) >= 3
@@ -156,6 +169,10 @@ def evaluate(
     references: dict[str, torch.Tensor] = {}
     associations: dict[tuple[str, str], Association] = {}
     greedy_cost = 0
+    truth = None
+    if truth_steps is not None:
+        fine = schedule(truth_steps)
+        truth, _ = sample_dpmpp_2m(model, noise * fine[0], fine, extra_args, disable=True)
 
     with Bar(tasks, "evaluate", disable) as bar:
 
@@ -164,6 +181,7 @@ def evaluate(
             results.append(Result(
                 sampler, method, policy, np.asarray(nfe), psnr(out, ref, data_range),
                 ssim(out, ref, data_range) if images else None, max_abs_error(out, ref), seconds, out, mask,
+                None if truth is None else psnr(out, truth, data_range),
             ))  # fmt: skip
 
         def timed(fn, *args, **kwargs):
@@ -195,6 +213,10 @@ def evaluate(
                 if "fewer_steps" in baselines:
                     out, sec = timed(fewer_steps, sample, model, noise, schedule, k, extra_args)
                     measure(name, "fewer_steps", pname, k, out, sec)
+                    bar.update()
+                if "dpmpp_2m_steps" in baselines:
+                    out, sec = timed(fewer_steps, sample_dpmpp_2m, model, noise, schedule, k, extra_args)
+                    measure(name, "dpmpp_2m_steps", pname, k, out, sec)
                     bar.update()
                 if "random" in baselines:
                     replay("random", np.stack([random_mask(steps, int(kb), rng) for kb in k]))

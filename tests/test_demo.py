@@ -10,6 +10,8 @@ def test_demo_runs_and_writes_its_files(tmp_path, capsys):
         path = tmp_path / name
         assert path.exists() and path.stat().st_size > 0, name
     for sampler in ("ddim", "dpmpp_2m", "euler"):
-        for method in ("full", "adaptive", "uniform", "fewer_steps", "random", "greedy"):
+        for method in ("full", "adaptive", "uniform", "fewer_steps", "dpmpp_2m_steps", "random", "greedy"):
             assert f"| {sampler} | {method} |" in out
+    for policy in ("reference", "paper", "local_error", "budget(6)", "uniform(6)+forecast"):
+        assert f"| euler | adaptive | {policy} |" in out, policy
     assert "| sampler | method | matches | NFE | speedup | PSNR (dB) | SSIM |" in (tmp_path / "table.md").read_text()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaptive_sampling import FixedMask, ThirdOrder, get_sigmas_karras, sample_dpmpp_2m, sample_euler
+from adaptive_sampling import Budget, FixedMask, ThirdOrder, get_sigmas_karras, sample_dpmpp_2m, sample_euler
 from adaptive_sampling.baselines import greedy_masks, random_mask, uniform_mask
 from adaptive_sampling.evaluate import evaluate
 from adaptive_sampling.metrics import max_abs_error, psnr, ssim
@@ -119,3 +119,25 @@ def test_evaluate_rejects_unknown_names():
         evaluate(lambda x, s: x, noise, get_sigmas_karras, {"a": ThirdOrder()}, samplers=("heun",))
     with pytest.raises(ValueError, match="unknown baselines"):
         evaluate(lambda x, s: x, noise, get_sigmas_karras, {"a": ThirdOrder()}, baselines=("oracle",))
+
+
+def test_evaluate_dpmpp_baseline_and_ode_truth():
+    """dpmpp_2m_steps is DPM-Solver++(2M) on a K-step grid at the policy's per-sample K, and with
+    truth_steps every result is also scored against the fine DPM-Solver++ solve."""
+    model = MLPDenoiser(dim=64, seed=1)
+    noise = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    schedule = partial(get_sigmas_karras, sigma_min=0.03, sigma_max=14.6)
+    ev = evaluate(model, noise, schedule, {"b": Budget(10)}, steps=16, samplers=("euler",), disable=True,
+                  baselines=("fewer_steps", "dpmpp_2m_steps"), truth_steps=64)  # fmt: skip
+    fine = schedule(64)
+    truth, _ = sample_dpmpp_2m(model, noise * fine[0], fine, disable=True)
+    dpm = ev.select("euler", "dpmpp_2m_steps", "b")[0]
+    assert dpm.nfe.tolist() == [10] * 3
+    grid = schedule(10)
+    want, _ = sample_dpmpp_2m(model, noise * grid[0], grid, disable=True)
+    assert torch.equal(dpm.output, want)
+    for r in ev.results:
+        np.testing.assert_array_equal(r.psnr_truth, psnr(r.output, truth))
+    assert "PSNR vs ODE truth" in ev.table()
+    with pytest.raises(ValueError, match="truth_steps must be"):
+        evaluate(model, noise, schedule, {"b": Budget(10)}, steps=16, truth_steps=0)

@@ -400,3 +400,34 @@ def test_extrapolate_state_keeps_per_row_histories():
     p = s.predict(2, torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(p[0], e[0])  # one node: copy
     torch.testing.assert_close(p[1], e[1] + 15)  # line through (2, e) and (1, e + 10) at 0.5
+
+
+@pytest.mark.skipif(
+    __import__("os").environ.get("ADAPTIVE_SAMPLING_TEST_DEVICE", "cpu") != "cuda",
+    reason="counts CUDA synchronisations (ADAPTIVE_SAMPLING_TEST_DEVICE=cuda)",
+)
+@pytest.mark.parametrize("policy", [LocalError(), Budget(8), Budget(8, rule=ThirdOrder())], ids=["local_error", "budget", "budget_third_order"])
+def test_one_device_to_host_read_per_decided_step(policy):
+    """decide + record + reuse of one step synchronise with the host at most once (the decision)."""
+    import warnings
+
+    dev, steps, batch = torch.device("cuda"), 12, 2
+    sigmas = get_sigmas_karras(steps, 0.03, 14.6).double()
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(batch, 4, 32, 32, generator=g).to(dev) * float(sigmas[k]) for k in range(steps)]
+    eps = [torch.randn(batch, 4, 32, 32, generator=g).to(dev) for k in range(steps)]
+    sig = [torch.full((batch,), float(sigmas[k]), device=dev) for k in range(steps)]
+    c = policy.start(xs[0], steps, "ddim", sigmas=sigmas)
+    counts = []
+    previous = torch.cuda.get_sync_debug_mode()
+    try:
+        torch.cuda.set_sync_debug_mode("warn")
+        for k in range(steps):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                compute = c.decide(k, xs[k], sig[k])
+                c.record(k, sig[k], eps[k], None) if compute.all() else c.reuse(k, sig[k])
+            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert max(counts) <= 1 and counts[5:] == [1] * (steps - 5), counts
