@@ -43,7 +43,7 @@ class SkipReport:
     policy: str
     space: str | None
     extra_evaluations: int = 0
-    signals: dict = field(default_factory=dict, repr=False)
+    signals: dict = field(default_factory=dict, repr=False, compare=False)
     nfe: np.ndarray = field(init=False)
 
     @classmethod
