@@ -36,7 +36,7 @@ with warnings.catch_warnings():
 import adaptive_sampling.diffusers as asd
 from adaptive_sampling import Extrapolate, FixedMask, ThirdOrder, sample_ddim, sample_dpmpp_2m, sample_euler
 
-from .tiny_pipelines import SD_SCHEDULER, pixart_pipeline, sd_pipeline
+from .tiny_pipelines import SD_SCHEDULER, pixart_pipeline, sd_pipeline, sdxl_pipeline
 
 SCHEDULERS = {
     # Stable Diffusion's configurations of the three schedulers of the paper
@@ -231,6 +231,43 @@ def test_num_images_per_prompt_rows_are_their_own_samples(pipe):
         run(pipe, PROMPTS[:1], noise(2), 7.5, num_images_per_prompt=2)
     assert handle.report.computed.tolist() == masks.tolist()
     assert count.rows == [2 * int(k) for k in masks.sum(0)]
+
+
+def test_sdxl_added_cond_kwargs_are_sliced_per_prompt():
+    """SDXL's UNet takes added_cond_kwargs (text_embeds, time_ids) with the model batch leading."""
+    pipe = sdxl_pipeline()
+    masks = np.array([[1, 1, 1, 1, 0, 1, 0, 1], [1, 1, 1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 0, 0, 1, 0]], bool)
+    lat = noise(3)
+    kw = dict(num_inference_steps=N, height=8, width=8, output_type="latent", guidance_scale=5.0)
+    with asd.apply(pipe, skip=FixedMask(masks)) as handle, Counter(pipe.unet.conv_in) as count:
+        out = pipe(PROMPTS, latents=lat, **kw).images
+        assert count.rows == [2 * int(k) for k in masks.sum(0) if k]
+        for b in range(3):
+            handle.policy = FixedMask(masks[b])
+            alone = pipe(PROMPTS[b : b + 1], latents=lat[b : b + 1], **kw).images
+            assert rel(out[b : b + 1], alone) < TOL
+
+
+def test_img2img_runs_the_steps_after_strength(pipe):
+    """img2img starts inside the scheduler's grid: the hook's steps are the ones the loop runs."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    use(pipe, "ddim")
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def call():
+        return i2i(PROMPTS[:2], image=image, strength=0.6, num_inference_steps=10, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+
+    ref = call()
+    with asd.apply(i2i, skip=FixedMask(np.ones(6, bool))) as handle:
+        assert torch.equal(call(), ref) and handle.report.num_steps == 6
+        handle.policy = FixedMask([1, 1, 1, 1, 0, 1])
+        with Counter(pipe.unet.conv_in) as count:
+            call()
+        assert len(count.rows) == 5
 
 
 # ------------------------------------------------------------------ prediction types

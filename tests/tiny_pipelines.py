@@ -153,3 +153,64 @@ def pixart_pipeline(seed: int = 0, scheduler_cls=None, **scheduler_kwargs):
     pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sdxl_pipeline(seed: int = 0, scheduler_cls=None, **scheduler_kwargs):
+    """A tiny StableDiffusionXLPipeline: two CLIP text encoders (hidden 8 each, the second with a
+    projection), a UNet with SDXL's ``text_time`` added conditioning (``added_cond_kwargs``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        norm_num_groups=4,
+        attention_head_dim=2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + 8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=4,
+    )
+    _, _, vocab_size = _vocab_files()
+    config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=8,
+        intermediate_size=16,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        projection_dim=8,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+    )
+    cls = scheduler_cls or EulerDiscreteScheduler
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(config),
+        text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=cls(**{**SD_SCHEDULER, "steps_offset": 1, **scheduler_kwargs}),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
