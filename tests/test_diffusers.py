@@ -453,6 +453,22 @@ def test_remove_restores_the_forward_and_the_progress_bar(pipe):
     assert pipe.unet.forward == forward  # the context manager removes too
 
 
+def test_a_wrapped_scheduler_step_is_chained_and_put_back(pipe):
+    use(pipe, "dpmpp_2m")
+    original, seen = pipe.scheduler.step, []
+
+    def step(*args, **kwargs):
+        seen.append(1)
+        return original(*args, **kwargs)
+
+    pipe.scheduler.step = step  # someone else's instance-level wrapper
+    with asd.apply(pipe, skip=FixedMask(MASK)) as handle:
+        run(pipe, PROMPTS[:1], noise(1), 7.5)
+    assert len(seen) == N and handle.report is not None  # both ran; the final latent was seen
+    assert vars(pipe.scheduler)["step"] is step
+    del pipe.scheduler.step
+
+
 def test_model_calls_outside_the_denoising_loop_are_untouched(pipe):
     use(pipe, "ddim")
     pipe.scheduler.set_timesteps(N)

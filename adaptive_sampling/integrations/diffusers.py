@@ -541,6 +541,9 @@ def _timestep_value(t: Any) -> float:
     raise TypeError(f"the model's timestep must be a tensor or a number, got {_cls(t)}")
 
 
+_MISSING = object()
+
+
 def _close(t: float, ref: float) -> bool:  # fp16 timesteps round to ~5e-4 relative
     return abs(t - ref) <= 5e-4 * abs(ref) + 1e-6
 
@@ -553,14 +556,14 @@ class _Loop:
         self.scheduler = handle.pipe.scheduler
         self.run: SkipRun | None = None
         self.last_latent: torch.Tensor | None = None
-        self._patched_step = False
         self._install_step()
 
     # -- the scheduler's step: its output is the next latent (the final one ends the report) --
     def _install_step(self) -> None:
+        """Wrap ``scheduler.step`` (whatever it is now: the method or someone's wrapper) for the
+        loop's duration; ``close`` puts back what was there."""
         sched = self.scheduler
-        if "step" in vars(sched):  # already wrapped by someone; leave it alone
-            return
+        self._previous_step = vars(sched).get("step", _MISSING)
         original = sched.step
 
         @functools.wraps(original)
@@ -570,12 +573,16 @@ class _Loop:
             return out
 
         sched.step = step
-        self._patched_step = True
+        self._step_wrapper = step
 
     def close(self) -> None:
-        if self._patched_step:
-            vars(self.scheduler).pop("step", None)
-            self._patched_step = False
+        sched = self.scheduler
+        if self._step_wrapper is not None and vars(sched).get("step") is self._step_wrapper:  # else someone wrapped over it: leave theirs
+            if self._previous_step is _MISSING:
+                del vars(sched)["step"]
+            else:
+                sched.step = self._previous_step
+        self._step_wrapper = None
 
     # -- the first model call of the loop --
     def _start(self, sample: torch.Tensor, timestep: Any) -> None:
