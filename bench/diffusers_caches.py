@@ -442,7 +442,11 @@ def main() -> None:
         cd = f"cache-dit {cache_dit.__version__}" if hasattr(cache_dit, "__version__") else "cache-dit"
     except Exception as e:  # noqa: BLE001
         cd = f"cache-dit not importable ({short(e)})"
+    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+
+    has = {c.__name__: hasattr(c, "enable_cache") for c in (UNet2DConditionModel, PixArtTransformer2DModel)}
     note = (
+        f"`hasattr(cls, 'enable_cache')`: {has}. "
         "Neither model class has `enable_cache` (no `CacheMixin`), so diffusers' caches are applied with their "
         "`apply_*` functions; FirstBlockCache, MagCache and TaylorSeer run inside a cache context (set through "
         "diffusers' private `_set_cache_context`: neither pipeline enters one) and their state is reset after "

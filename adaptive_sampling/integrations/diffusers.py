@@ -531,8 +531,7 @@ def _timestep_value(t: Any) -> float:
     if isinstance(t, torch.Tensor):
         if t.numel() == 1:
             return float(t.reshape(()))
-        lo, hi = torch.aminmax(t.reshape(-1).to(torch.float64))
-        lo, hi = float(lo), float(hi)
+        lo, hi = torch.stack(torch.aminmax(t.reshape(-1).to(torch.float64))).tolist()
         if lo != hi:
             raise ValueError(f"the rows of one model call have different timesteps ({lo} .. {hi}): not supported")
         return lo
@@ -804,6 +803,7 @@ class SkipHandle:
     report: the ``SkipReport`` of the last pipeline call that ran its loop to the end (per sample:
         ``computed`` [B, N], ``nfe`` [B], ``model_calls``: model forwards made); ``None`` before,
         during, and after a failed or interrupted call.
+    policy: the skip policy; may be replaced between pipeline calls.
     remove(): unhook (the model's forward and ``pipe.progress_bar`` are restored); idempotent.
     Usable as a context manager (removes on exit).
     """
