@@ -197,6 +197,21 @@ def test_third_order_runs_and_reports_per_sample(pipe):
     assert np.isfinite(r.stats[:, -1, 0]).all()  # the final latent was observed
 
 
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_third_order_through_the_hook_decides_as_the_library_sampler(pipe, name):
+    """The hook's rule sees the same latents (recovered from the UNet input and the scheduler's
+    sigma) as the library sampler on denoiser(): same masks, same latents to round-off. (The
+    scores here are at least 12% away from delta, so round-off cannot flip a decision.)"""
+    use(pipe, name)
+    lat, policy = noise(3), ThirdOrder(delta=0.2, max_skips=2)
+    with asd.apply(pipe, skip=policy) as handle:
+        out = run(pipe, PROMPTS, lat, 7.5)
+    ours, report = library_run(pipe, name, PROMPTS, lat, 7.5, skip=policy)
+    assert handle.report.computed.tolist() == report.computed.tolist()
+    assert handle.report.nfe.max() < N
+    assert rel(out, ours) < TOL
+
+
 def test_space_default_is_the_latent_the_scheduler_holds(pipe):
     for name, space in (("ddim", "vp"), ("euler", "ve"), ("dpmpp_2m", "vp")):
         use(pipe, name)
