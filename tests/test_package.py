@@ -10,8 +10,9 @@ import adaptive_sampling
 def test_import_loads_no_heavy_optional_package():
     code = (
         "import sys, adaptive_sampling, adaptive_sampling.k_diffusion, adaptive_sampling.evaluate,"
-        " adaptive_sampling.workloads.digits, adaptive_sampling.workloads.learned;"
-        "print(','.join(m for m in ('k_diffusion', 'triton', 'scipy', 'matplotlib', 'sklearn') if m in sys.modules))"
+        " adaptive_sampling.workloads.digits, adaptive_sampling.workloads.learned, adaptive_sampling.diffusers;"
+        "print(','.join(m for m in ('k_diffusion', 'triton', 'scipy', 'matplotlib', 'sklearn', 'diffusers',"
+        " 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
