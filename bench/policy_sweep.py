@@ -263,29 +263,39 @@ def plot(rows, path: Path, workload: str) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), sharex=True)
     test = [r for r in rows if r["workload"] == workload and r["seed"] != "tune"]
     methods = sorted({r["method"] for r in test})
-    cmap = plt.get_cmap("tab20")
+    rule_colors = {"third_order": "tab:red", "paper": "tab:orange", "local_error": "tab:blue",
+                   "budget": "tab:green", "budget_third_order": "tab:olive", "uniform": "tab:purple"}  # fmt: skip
+    reuse_markers = {"copy": "o", "ex1": "s", "ex1s": "^", "ex2": "D"}
+    baseline_style = {"[fewer_steps]": ("k", "--", "v"), "[uniform]": ("0.55", "--", "s"),
+                      "[dpmpp_2m_karras]": ("k", ":", "^"), "[greedy oracle]": ("k", "", "*"),
+                      "[full 50 steps]": ("k", "", "X")}  # fmt: skip
     for col, sampler in enumerate(SAMPLERS):
         for row, metric in enumerate(("psnr", "truth")):
             ax = axes[row, col]
-            for i, m in enumerate(methods):
+            for m in methods:
                 g = [r for r in test if r["sampler"] == sampler and r["method"] == m]
                 if not g or (m == "[full 50 steps]" and metric == "psnr"):
                     continue
                 ks = sorted({r["k"] for r in g})
                 nfe = [np.median([r["nfe"] for r in g if r["k"] == k]) for k in ks]
                 val = [np.median([r[metric] for r in g if r["k"] == k]) for k in ks]
-                base = m.startswith("[")
-                ax.plot(nfe, val, ("k" if "greedy" in m else "") + ("--" if base else "-"), marker="o" if base else ".",
-                        color=None if "greedy" in m else cmap(i % 20), lw=2.2 if base else 1.0, label=m)  # fmt: skip
+                if m in baseline_style:
+                    color, ls, marker = baseline_style[m]
+                    ax.plot(nfe, val, color=color, ls=ls or "none", marker=marker, ms=9 if ls == "" else 5, lw=2.2, label=m)
+                    continue
+                rule, reuse = m.split("/")
+                ls = ":" if "+merge" in reuse else "-"
+                marker = "P" if "C=1" in reuse else reuse_markers.get(reuse.split("+")[0].split(" ")[0], "o")
+                ax.plot(nfe, val, color=rule_colors.get(rule, "tab:gray"), ls=ls, marker=marker, ms=4, lw=1.0, label=m)
             ax.set_title(f"{sampler}: PSNR vs {'50-step output' if metric == 'psnr' else 'ODE truth (250-step DPM++)'}", fontsize=9)
             ax.grid(alpha=0.3)
             if row == 1:
                 ax.set_xlabel("model calls per sample (NFE)")
     axes[0, 0].set_ylabel("PSNR (dB)")
     axes[1, 0].set_ylabel("PSNR (dB)")
-    handles, labels = axes[0, 2].get_legend_handles_labels()
+    handles, labels = axes[1, 1].get_legend_handles_labels()  # the DPM-Solver++ truth panel has every method
     fig.legend(handles, labels, loc="center right", fontsize=7)
-    fig.suptitle(f"{workload} model, 50 Karras steps, median over test seeds 0, 3, 4 (dashed: baselines)", fontsize=10)
+    fig.suptitle(f"{workload} model, 50 Karras steps, median over test seeds 0, 3, 4 (black and grey: baselines; colour: decision rule; marker: reuse; dotted: merge mode)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.83, 0.97))
     fig.savefig(path, dpi=110)
 
@@ -310,6 +320,9 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "adaptive_sampling"]).returncode:
+        commit += " + uncommitted library changes"
     loads = workloads(args.batch, 0)
     n = sum(len(KS) * len(families_for(s)) for s in SAMPLERS) * len(args.workloads)
     rows, tuned = [], {}
@@ -319,7 +332,6 @@ def main(argv=None) -> int:
             r, t = sweep_workload(wl, model, schedule, args.batch, bar, greedy=wl == "learned")
             rows += r
             tuned.update({(wl, *k): v for k, v in t.items()})
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     text, best = report(rows, tuned, args, time.perf_counter() - t0, commit)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
