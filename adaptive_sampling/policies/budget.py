@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .base import Controller, check_int
-from .kernel_controller import KernelController, NonFiniteLatent
+from .kernel_controller import KernelController
 from .local_error import LocalError, LocalErrorController
 from .third_order import ThirdOrder, default_space
 
@@ -70,18 +70,10 @@ class _ThirdOrderScorer(KernelController):
         super().__init__(x, num_steps, rule.kernel_rule(sampler, max_skips=num_steps), space, rule.backend, reuse=rule.reuse)
         self.delta = float(rule.delta)
 
-    @torch.no_grad()
     def score(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:
-        self._history.insert(0, (x, sigma))
-        del self._history[self.rule.history :]
-        latents, sigmas = zip(*self._history)
-        flags = self._ks.skip_update(latents, sigmas, self.state, step, self.rule, self.backend)
-        packed = torch.stack([flags.to(self.state.scores.dtype), self.state.scores[step]]).cpu().numpy()
-        bad = packed[0].astype(np.int64) & self._ks.FLAG_NONFINITE
-        if bad.any():
-            raise NonFiniteLatent(step, np.flatnonzero(bad))
+        _, score = self._observe(step, x, sigma, with_score=True)
         with np.errstate(divide="ignore", invalid="ignore"):
-            return packed[1].astype(np.float64) / self.delta if self.delta > 0 else np.full(x.shape[0], np.inf)
+            return score / self.delta if self.delta > 0 else np.full(x.shape[0], np.inf)
 
     def observe(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> None:
         """Warm-up steps: the kernel still needs the latent for its difference history."""

@@ -64,17 +64,23 @@ class KernelController(Controller):
         return self.fixed is not None or self.rule.criterion != self._ks.NONE
 
     @torch.no_grad()
-    def _observe(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:
-        """Push x into the bounded history and run the kernel; returns the host flag bytes.
+    def _observe(self, step: int, x: torch.Tensor, sigma: torch.Tensor, with_score: bool = False):
+        """Push x into the bounded history and run the kernel; returns the host flag bytes (and,
+        with ``with_score``, the criterion value of this step, read in the same transfer).
         Raises ``NonFiniteLatent`` when x holds NaN/Inf."""
         self._history.insert(0, (x, sigma))
         del self._history[self.rule.history :]
         latents, sigmas = zip(*self._history)
-        flags = self._ks.skip_update(latents, sigmas, self.state, step, self.rule, self.backend).cpu().numpy()
+        flags = self._ks.skip_update(latents, sigmas, self.state, step, self.rule, self.backend)
+        if with_score:
+            packed = torch.stack([flags.to(self.state.scores.dtype), self.state.scores[step]]).cpu().numpy()
+            flags, score = packed[0].astype(np.int64), packed[1].astype(np.float64)
+        else:
+            flags = flags.cpu().numpy()
         bad = flags & self._ks.FLAG_NONFINITE
         if bad.any():
             raise NonFiniteLatent(step, np.flatnonzero(bad))
-        return flags
+        return (flags, score) if with_score else flags
 
     def decide(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:
         """Rows that call the model at call ``step``. Raises ``NonFiniteLatent`` on NaN/Inf in x."""
