@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16
+pytestmark = pytest.mark.slow  # ~20 s: the script end to end (still run by .ci/run)
 
 
 @pytest.fixture(scope="module")
