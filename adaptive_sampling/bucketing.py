@@ -46,7 +46,7 @@ import torch
 
 from .runner import slice_rows
 
-__all__ = ["bucketed", "Bucketed", "bucket_sizes", "bucket_size", "pad_index"]
+__all__ = ["bucketed", "Bucketed", "bucket_sizes", "bucket_size", "pad_index", "padded_rows", "check_pad_to"]
 
 _MAX_POW2 = 1 << 20
 
@@ -155,13 +155,6 @@ def bucketed(model: Callable[..., torch.Tensor], sizes: Any = "pow2", *, batch: 
     if not callable(model):
         raise ValueError(f"model must be callable as model(x, sigma, **extra_args), got {type(model).__name__}")
     return Bucketed(model, bucket_sizes(sizes, batch))
-
-
-def _as_sizes(pad_to: Any, batch: int, name: str) -> tuple[int, ...] | None:
-    """``pad_to`` of a hook (None: no padding) as the explicit buckets for a batch of ``batch``."""
-    if pad_to is None:
-        return None
-    return bucket_sizes(pad_to, batch, name)
 
 
 def check_pad_to(pad_to: Any, name: str = "pad_to") -> Any:

@@ -44,7 +44,8 @@ Semantics of the hook
   ``added_cond_kwargs``, attention masks, ControlNet residuals) are sliced alike. Rows that skip
   get the reused prediction without a model call; when no row computes the model is not called.
   ``pad_to="pow2"`` (or a list of sizes) pads a sub-batch to a few bucket sizes, for compiled
-  models (``adaptive_sampling.bucketing``).
+  models (``adaptive_sampling.bucketing``). A compiled model works: ``pipe.unet =
+  torch.compile(pipe.unet)``, then ``apply``.
   A ControlNet is a separate module: its own call still runs on every row.
 * **Reuse is of eps, by prediction type.** ``epsilon`` outputs are eps. ``v_prediction`` and
   ``sample`` outputs are converted to eps with the latent and sigma of the call they came from,
@@ -90,8 +91,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..bucketing import bucket_sizes, check_pad_to, padded_rows
 from ..policies import Budget, ThirdOrder, default_space
-from ..bucketing import _as_sizes, check_pad_to, padded_rows
 from ..runner import SkipRun, slice_rows
 
 __all__ = [
@@ -602,7 +603,7 @@ class _Loop:
                 f"{plan.timesteps.tolist()}: the pipeline does not follow its scheduler's grid"
             )
         self.plan, self.c, self.B, self.n = plan, c, n // c, n
-        self.sizes = _as_sizes(handle.pad_to, self.B, "pad_to")
+        self.sizes = None if handle.pad_to is None else bucket_sizes(handle.pad_to, self.B, "pad_to")
         self.begin = int(where[0])
         self.j = self.begin - 1  # index (into plan.timesteps) of the latest model call
         self.step = -1  # index of the latest step (first call)
