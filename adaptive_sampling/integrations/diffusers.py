@@ -43,6 +43,9 @@ Semantics of the hook
   whose first dimension is the model batch (recursively through dicts, lists and tuples, e.g.
   ``added_cond_kwargs``, attention masks, ControlNet residuals) are sliced alike. Rows that skip
   get the reused prediction without a model call; when no row computes the model is not called.
+  ``pad_to="pow2"`` (or a list of sizes) pads a sub-batch to a few bucket sizes, for compiled
+  models (``adaptive_sampling.bucketing``). A compiled model works: ``pipe.unet =
+  torch.compile(pipe.unet)``, then ``apply``.
   A ControlNet is a separate module: its own call still runs on every row.
 * **Reuse is of eps, by prediction type.** ``epsilon`` outputs are eps. ``v_prediction`` and
   ``sample`` outputs are converted to eps with the latent and sigma of the call they came from,
@@ -88,6 +91,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..bucketing import bucket_sizes, check_pad_to, padded_rows
 from ..policies import Budget, ThirdOrder, default_space
 from ..runner import SkipRun, slice_rows
 
@@ -555,6 +559,8 @@ class _Loop:
         self.scheduler = handle.pipe.scheduler
         self.run: SkipRun | None = None
         self.last_latent: torch.Tensor | None = None
+        self.sizes: tuple[int, ...] | None = None  # pad_to's buckets (per-prompt rows), None: no padding
+        self.seen: list[int] = []  # the model batch size of every model call (after padding)
         self._install_step()
 
     # -- the scheduler's step: its output is the next latent (the final one ends the report) --
@@ -597,6 +603,7 @@ class _Loop:
                 f"{plan.timesteps.tolist()}: the pipeline does not follow its scheduler's grid"
             )
         self.plan, self.c, self.B, self.n = plan, c, n // c, n
+        self.sizes = None if handle.pad_to is None else bucket_sizes(handle.pad_to, self.B, "pad_to")
         self.begin = int(where[0])
         self.j = self.begin - 1  # index (into plan.timesteps) of the latest model call
         self.step = -1  # index of the latest step (first call)
@@ -671,15 +678,28 @@ class _Loop:
         if k == B:
             out = self.original(*bound.args[1:], **bound.kwargs)
             u, model_rows = self.u, None
+            tensor = _model_output(out)
+            self.seen.append(self.n)
         else:
             model_rows = (_rows[None, :] + B * torch.arange(c, device=_rows.device)[:, None]).reshape(-1)
+            # pad_to: the sub-batch padded with repeats of its first row to a bucket size (both CFG
+            # halves alike); the padded rows' outputs are dropped below
+            call_rows = _rows if self.sizes is None else padded_rows(_rows, self.sizes)
+            kp = call_rows.numel()
+            padded = (call_rows[None, :] + B * torch.arange(c, device=_rows.device)[:, None]).reshape(-1)
             sliced = inspect.BoundArguments(bound.signature, dict(bound.arguments))
             for name, value in bound.arguments.items():
                 if name != "self":
-                    sliced.arguments[name] = slice_rows(value, model_rows, self.n)
+                    sliced.arguments[name] = slice_rows(value, padded, self.n)
             u = sliced.arguments[self.sample_name]
             out = self.original(*sliced.args[1:], **sliced.kwargs)
-        tensor = _model_output(out)
+            tensor = _model_output(out)
+            self.seen.append(kp * c)
+            if kp != k:
+                if tensor.shape[0] != u.shape[0]:
+                    raise ValueError(f"the model returned shape {tuple(tensor.shape)} for an input of shape {tuple(u.shape)}")
+                keep = (torch.arange(k, device=tensor.device)[None, :] + kp * torch.arange(c, device=tensor.device)[:, None]).reshape(-1)
+                tensor, u = tensor.index_select(0, keep), u.index_select(0, keep.to(u.device))
         C = u.shape[1]
         if tensor.shape[0] != u.shape[0] or tensor.shape[2:] != u.shape[2:] or tensor.shape[1] < C:
             raise ValueError(f"the model returned shape {tuple(tensor.shape)} for an input of shape {tuple(u.shape)}")
@@ -804,19 +824,31 @@ class SkipHandle:
         ``computed`` [B, N], ``nfe`` [B], ``model_calls``: model forwards made); ``None`` before,
         during, and after a failed or interrupted call.
     policy: the skip policy; may be replaced between pipeline calls.
+    pad_to: the sub-batch buckets (``apply``'s ``pad_to``); may be replaced between pipeline calls.
+    batch_sizes: the model batch size of each model call of that loop (after ``pad_to`` padding:
+        what a compiled model saw); ``None`` when ``report`` is.
     remove(): unhook (the model's forward and ``pipe.progress_bar`` are restored); idempotent.
     Usable as a context manager (removes on exit).
     """
 
-    def __init__(self, pipe: Any, model: torch.nn.Module, policy: Any, cfg: bool | None) -> None:
+    def __init__(self, pipe: Any, model: torch.nn.Module, policy: Any, cfg: bool | None, pad_to: Any = None) -> None:
         from diffusers.hooks import HookRegistry
 
         self.pipe, self.model, self.policy, self.cfg = pipe, model, policy, cfg
+        self.pad_to = pad_to
         self.report = None
+        self.batch_sizes: list[int] | None = None
         self._loop: _Loop | None = None
         self._depth = 0
-        self._signature = inspect.signature(type(model).forward)
+        # torch.compile(model) gives an OptimizedModule whose forward takes (*args, **kwargs): bind
+        # the arguments with the compiled module's own signature
+        self._signature = inspect.signature(type(getattr(model, "_orig_mod", model)).forward)
         registry = HookRegistry.check_if_exists_or_initialize(model)
+        if getattr(registry, "_module_ref", model) is not model and not registry.hooks:
+            # torch.compile's OptimizedModule stores attributes on the module it wraps, so an empty
+            # registry left there for an earlier compiled wrapper would hook that wrapper: replace it
+            registry = HookRegistry(model)
+            model._diffusers_hook = registry
         if registry.get_hook(HOOK_NAME) is not None:
             raise ValueError(f"pipe's {_cls(model)} already carries an adaptive_sampling hook: remove() it first")
         if "progress_bar" in vars(pipe):
@@ -840,6 +872,7 @@ class SkipHandle:
         self._depth += 1
         if self._depth == 1:
             self.report = None
+            self.batch_sizes = None
             self._loop = _Loop(self)
 
     def _end(self, failed: bool) -> None:
@@ -852,6 +885,7 @@ class SkipHandle:
         loop.close()
         if not failed:
             self.report = loop.report()
+            self.batch_sizes = list(loop.seen) if self.report is not None else None
 
     def _discard(self) -> None:
         """Drop the running loop's state (a failure, or diffusers' reset_stateful_hooks)."""
@@ -889,7 +923,7 @@ class SkipHandle:
         return f"SkipHandle({_cls(self.model)}, {self.policy!r}, {state})"
 
 
-def apply(pipe: Any, skip: Any = None, *, cfg: bool | None = None) -> SkipHandle:
+def apply(pipe: Any, skip: Any = None, *, cfg: bool | None = None, pad_to: Any = None) -> SkipHandle:
     """Skip whole model calls of a diffusers pipeline per prompt with the policy ``skip``.
 
     pipe: a diffusers pipeline with a ``unet`` or ``transformer`` and a DDPM-schedule scheduler
@@ -899,6 +933,13 @@ def apply(pipe: Any, skip: Any = None, *, cfg: bool | None = None) -> SkipHandle
         per step (``num_inference_steps``; fewer with img2img ``strength``), [N] or [B, N] with B
         the images of the call (prompts x num_images_per_prompt).
     cfg: whether the model batch is ``[uncond; cond]``; ``None`` detects it per call (two equal halves).
+    pad_to: ``None`` (default): a sub-batch call gets exactly the rows that compute. ``"pow2"`` or a
+        list of ints: the per-prompt rows that compute are padded (with repeats of the first of
+        them, in both CFG halves alike) to the smallest bucket >= their number, capped at the
+        prompt batch (powers of two below it, then the batch itself; see
+        ``adaptive_sampling.bucketing``), and the padded rows' outputs are dropped. For compiled
+        models (``torch.compile`` with static shapes, CUDA graphs): the model then sees a few batch
+        sizes instead of one per sub-batch size. Decisions, NFE and the report are unchanged.
 
     Returns a ``SkipHandle`` (``.report``, ``.remove()``, context manager). See the module
     docstring for the semantics.
@@ -914,4 +955,4 @@ def apply(pipe: Any, skip: Any = None, *, cfg: bool | None = None) -> SkipHandle
     if cfg is not None and not isinstance(cfg, bool):
         raise TypeError(f"cfg must be True, False or None, got {cfg!r}")
     _check_scheduler(getattr(pipe, "scheduler", None), "pipe.scheduler")
-    return SkipHandle(pipe, model, policy, cfg)
+    return SkipHandle(pipe, model, policy, cfg, check_pad_to(pad_to, "pad_to"))
