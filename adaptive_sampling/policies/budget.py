@@ -75,7 +75,7 @@ class _ThirdOrderScorer(KernelController):
         self._history.insert(0, (x, sigma))
         del self._history[self.rule.history :]
         latents, sigmas = zip(*self._history)
-        flags = self._ks.skip_update(latents, sigmas, self.state, step, self.rule, self.backend)
+        flags = self._update(latents, sigmas, step)
         packed = torch.stack([flags.to(self.state.scores.dtype), self.state.scores[step]]).cpu().numpy()
         bad = packed[0].astype(np.int64) & self._ks.FLAG_NONFINITE
         if bad.any():
@@ -101,6 +101,11 @@ class BudgetController(Controller):
         self.recent = np.full((B, policy.window), np.nan)
         self.scores = np.full((B, num_steps), np.nan)
         self.forced = np.zeros((B, num_steps), dtype=np.int8)  # 1 reserve, 2 spent, 3 max_skips
+
+    def use_collective(self, collective) -> None:
+        """Across processes (``adaptive_sampling.distributed``): the scorer's sums go through
+        ``collective``; the budget logic itself runs on the host from the (then identical) scores."""
+        self.scorer.use_collective(collective)
 
     def reuse(self, step: int, sigma: torch.Tensor) -> torch.Tensor:
         return self.scorer.reuse(step, sigma)
