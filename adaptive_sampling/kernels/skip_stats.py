@@ -9,6 +9,12 @@ One function, two implementations side by side (the Liger-Kernel pattern):
 
 and one dispatcher, ``skip_update``, that every caller goes through.
 
+The two stages are also callable apart, for processes that each hold a shard of the latents
+(``adaptive_sampling.distributed``): ``skip_partials`` returns the per-sample sums [4, B] (same
+layout on both backends), the caller completes them over the processes (an all-reduce), and
+``skip_decide`` applies the rule to the completed sums. ``skip_update`` itself is unchanged by
+this: one process keeps the fused single launch (small latents) and the kernel-side reduction.
+
 What one update does, for the latent ``x_i`` entering call ``k = i + 1`` (per sample b, in the
 chosen space: each latent times 1 / sqrt(1 + sigma^2) for VP, as is for VE):
 
@@ -76,6 +82,12 @@ __all__ = [
     "SkipRule",
     "SkipState",
     "skip_update",
+    "skip_partials",
+    "skip_decide",
+    "PARTIAL_ABS",
+    "PARTIAL_SQ",
+    "PARTIAL_THIRD",
+    "PARTIAL_BAD",
     "resolve_backend",
     "triton_available",
 ]
@@ -219,6 +231,82 @@ def skip_update(
     return state.flags
 
 
+# Rows of the [4, B] per-sample sums of ``skip_partials`` (the same layout on both backends).
+PARTIAL_ABS, PARTIAL_SQ, PARTIAL_THIRD, PARTIAL_BAD = 0, 1, 2, 3
+
+
+def skip_partials(
+    latents: Sequence[torch.Tensor],
+    sigmas: Sequence[torch.Tensor],
+    state: SkipState,
+    rule: SkipRule,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Stage 1 of ``skip_update`` on its own: the per-sample sums of one update, no decision.
+
+    Returns a new [4, B] tensor in the accumulator dtype (float32; float64 for float64 latents),
+    on the latents' device, rows ``PARTIAL_ABS`` = sum |y0 - y1|, ``PARTIAL_SQ`` = sum (y0 - y1)^2,
+    ``PARTIAL_THIRD`` = sum (y0 - 3 y1 + 3 y2 - y3)^2 and ``PARTIAL_BAD`` = the number of NaN/Inf
+    values in ``latents[0]`` (y_j: latent j in the measured space; rows the history does not reach
+    are 0). Both backends give this layout; they differ only in the order of the additions.
+
+    Every row is a sum over elements, so the sums of the shards of a latent add up to the sums of
+    the whole latent: this is what ``adaptive_sampling.distributed`` all-reduces before
+    ``skip_decide``. ``state`` lends the Triton path its scratch buffer and launch cache; it is
+    not changed otherwise. Triton: ``_partials_kernel`` on its (B, C) grid, then ``_sums_kernel``
+    (one program) reduces the chunks in the fixed order ``_decide_kernel`` uses.
+    """
+    if not 1 <= len(latents) <= 4 or len(sigmas) != len(latents):
+        raise ValueError("skip_partials needs 1 to 4 latents and one sigma vector per latent")
+    if backend != "torch" and not (backend == "triton" and triton is not None and latents[0].is_cuda):
+        backend = resolve_backend(latents[0].device, backend)
+    if backend == "triton":
+        return _partials_triton(latents, sigmas, state, rule)
+    return _sums_torch(latents, sigmas, rule, state.prev_d.dtype, exact_count=True)
+
+
+def skip_decide(
+    sums: torch.Tensor,
+    state: SkipState,
+    step: int,
+    rule: SkipRule,
+    n_latents: int,
+    numel: int,
+    pooled: tuple[torch.Tensor, int] | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Stage 2 of ``skip_update`` on its own: decide call ``step`` from per-sample sums; returns ``state.flags``.
+
+    sums: [4, B] as ``skip_partials`` lays them out, for whole samples (after the all-reduce over
+        the shards of a sharded latent).
+    n_latents: how many latents the sums were taken over (``len(latents)`` of ``skip_partials``).
+    numel: elements of one whole sample (the sum over the shards): ``d = sum|diff| / numel``.
+    pooled: batch mode only (``rule.per_sample=False``): ``(totals [4], elements)``, the four sums
+        and the element count over every sample of the whole batch (all processes of a
+        data-parallel group); ``None`` pools this ``sums``' rows (what ``skip_update`` does).
+
+    Given the same sums, state and step, the result is deterministic (no collective, no atomics),
+    so processes that hold the same all-reduced sums take the same decision.
+    """
+    B = state.flags.shape[0]
+    if sums.shape != (4, B) or sums.dtype != state.prev_d.dtype:
+        raise ValueError(f"sums must be a [4, {B}] {state.prev_d.dtype} tensor, got {tuple(sums.shape)} {sums.dtype}")
+    if not 1 <= n_latents <= 4:
+        raise ValueError(f"n_latents must be in [1, 4], got {n_latents}")
+    if pooled is not None and (pooled[0].shape != (4,) or pooled[0].dtype != sums.dtype):
+        raise ValueError(f"pooled sums must be a [4] {sums.dtype} tensor, got {tuple(pooled[0].shape)} {pooled[0].dtype}")
+    if rule.per_sample:
+        pooled = None
+    if backend != "torch" and not (backend == "triton" and triton is not None and sums.is_cuda):
+        backend = resolve_backend(sums.device, backend)
+    order = _order(n_latents, rule)
+    if backend == "triton":
+        _decide_triton(sums, state, step, rule, order, numel, pooled)
+    else:
+        _decide_torch(sums, state, step, rule, order, numel, pooled)
+    return state.flags
+
+
 def _order(n_latents: int, rule: SkipRule) -> int:
     """Highest difference the update computes: 0 (NaN check only), 1 or 3."""
     if rule.criterion == NONE or n_latents < 2:
@@ -247,13 +335,24 @@ def cap_window(step: int, rule: SkipRule) -> tuple[int, bool]:
 
 
 def _update_torch(latents, sigmas, state: SkipState, step: int, rule: SkipRule) -> None:
-    acc = state.prev_d.dtype
+    sums = _sums_torch(latents, sigmas, rule, state.prev_d.dtype, exact_count=False)
+    _decide_torch(sums, state, step, rule, _order(len(latents), rule), latents[0][0].numel(), None)
+
+
+def _sums_torch(latents, sigmas, rule: SkipRule, acc: torch.dtype, exact_count: bool = True) -> torch.Tensor:
+    """Stage 1 of the reference: the [4, B] per-sample sums (see ``skip_partials``).
+
+    ``exact_count=False`` (the single-process update) fills row ``PARTIAL_BAD`` with 0/1 (one
+    product and one sum: x * 0 is 0 for finite x and NaN for NaN/Inf, and a sum with a NaN is NaN;
+    ``isfinite`` takes several elementwise passes, a 10x difference on CPUs); ``True`` counts the
+    non-finite values as the Triton kernel does (``skip_partials``: the same layout on both backends).
+    """
     B = latents[0].shape[0]
     flat = [x.reshape(B, -1) for x in latents]
-    n = flat[0].shape[1]
-    # x * 0 is 0 for finite x and NaN for NaN/Inf, and a sum with a NaN is NaN: one product and
-    # one sum, where isfinite(x).all() takes several elementwise passes (a 10x difference on CPUs).
-    bad = (flat[0] * 0).sum(dim=1, dtype=acc).isnan()
+    if exact_count:
+        bad = (flat[0] - flat[0]).ne(0).sum(dim=1, dtype=acc)  # x - x is NaN for NaN/Inf, and NaN != 0
+    else:
+        bad = (flat[0] * 0).sum(dim=1, dtype=acc).isnan().to(acc)
     order = _order(len(latents), rule)
     # latent * fp32 scale promotes to fp32 elementwise (exact for fp16/bf16), in one pass
     scales = [vp_scale(g.to(acc)) if rule.vp else torch.ones_like(g, dtype=acc) for g in sigmas[: order + 1]]
@@ -263,17 +362,32 @@ def _update_torch(latents, sigmas, state: SkipState, step: int, rule: SkipRule) 
     if order >= 1:
         diff = x[0] - x[1]
         s1, s2 = diff.abs().sum(dim=1), (diff * diff).sum(dim=1)
-        state.stats[step - 1, :, 0] = s1 / n
-        state.stats[step - 1, :, 1] = s2.sqrt()
     if order >= 3:
         third = x[0] - 3 * x[1] + 3 * x[2] - x[3]
         s3 = (third * third).sum(dim=1)
+    return torch.stack([s1, s2, s3, bad])
+
+
+def _decide_torch(sums: torch.Tensor, state: SkipState, step: int, rule: SkipRule, order: int, n: int, pooled) -> None:
+    """Stage 2 of the reference: stats, decision, state update and flag bytes from the [4, B]
+    sums of whole samples of ``n`` elements each; ``pooled`` as in ``skip_decide``."""
+    B = sums.shape[1]
+    s1, s2, s3 = sums[0], sums[1], sums[2]
+    bad = sums[3] > 0
+    if order >= 1:
+        state.stats[step - 1, :, 0] = s1 / n
+        state.stats[step - 1, :, 1] = s2.sqrt()
+    if order >= 3:
         state.stats[step - 1, :, 2] = s3.sqrt()
     count = n
     bad_rule = bad
     if not rule.per_sample:
-        s1, s2, s3 = (v.sum().expand(B) for v in (s1, s2, s3))
-        count, bad_rule = n * B, bad.any().expand(B)
+        if pooled is None:  # row by row (a [B] sum each), as the single decision has always been pooled
+            totals, count = [v.sum() for v in (s1, s2, s3, sums[3])], n * B
+        else:
+            totals, count = list(pooled[0].unbind(0)), pooled[1]
+        s1, s2, s3 = (v.expand(B) for v in totals[:3])
+        bad_rule = (totals[3] > 0).expand(B)
     d = s1 / count
 
     compute = torch.ones(B, dtype=torch.bool, device=bad.device)
@@ -376,16 +490,18 @@ if triton is not None:
     @triton.jit
     def _decide(
         s_abs, s_sq, s_third, s_bad, b, live,
-        prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr, delta_ptr,
+        prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr, delta_ptr, pooled_ptr,
         n, n_decide, stats_off, score_off, deciding, window, cap_active,
-        ORDER: tl.constexpr, CRITERION: tl.constexpr, PER_SAMPLE: tl.constexpr,
+        ORDER: tl.constexpr, CRITERION: tl.constexpr, PER_SAMPLE: tl.constexpr, POOLED: tl.constexpr,
         ACC: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr,
     ):  # fmt: skip
         """Given each sample's four sums (lanes b): stats, decision, state update, flag bytes.
 
         ``n`` is the element count of one sample (stats), ``n_decide`` that of the decision
         (``n`` per sample, ``n * B`` when the batch is pooled); ``stats_off``/``score_off`` are
-        the element offsets of this step's rows in ``stats``/``scores``.
+        the element offsets of this step's rows in ``stats``/``scores``. ``POOLED`` (batch mode
+        only): the batch's four sums are not the lanes' but given at ``pooled_ptr`` (pooled over
+        the processes of a data-parallel group, ``adaptive_sampling.distributed``).
         """
         bad = s_bad > 0
         stats = stats_ptr + stats_off + b * 3
@@ -396,11 +512,17 @@ if triton is not None:
             tl.store(stats + 2, _sqrt(s_third, F64), mask=live)
         bad_rule = bad
         if not PER_SAMPLE:
-            s_abs = tl.zeros([BLOCK_B], dtype=ACC) + tl.sum(tl.where(live, s_abs, 0.0), axis=0)
-            s_sq = tl.zeros([BLOCK_B], dtype=ACC) + tl.sum(tl.where(live, s_sq, 0.0), axis=0)
-            s_third = tl.zeros([BLOCK_B], dtype=ACC) + tl.sum(tl.where(live, s_third, 0.0), axis=0)
-            any_bad = tl.max(tl.where(live & bad, 1, 0), axis=0)
-            bad_rule = (tl.zeros([BLOCK_B], dtype=tl.int32) + any_bad) > 0
+            if POOLED:
+                s_abs = tl.zeros([BLOCK_B], dtype=ACC) + tl.load(pooled_ptr + 0)
+                s_sq = tl.zeros([BLOCK_B], dtype=ACC) + tl.load(pooled_ptr + 1)
+                s_third = tl.zeros([BLOCK_B], dtype=ACC) + tl.load(pooled_ptr + 2)
+                bad_rule = (tl.zeros([BLOCK_B], dtype=ACC) + tl.load(pooled_ptr + 3)) > 0
+            else:
+                s_abs = tl.zeros([BLOCK_B], dtype=ACC) + tl.sum(tl.where(live, s_abs, 0.0), axis=0)
+                s_sq = tl.zeros([BLOCK_B], dtype=ACC) + tl.sum(tl.where(live, s_sq, 0.0), axis=0)
+                s_third = tl.zeros([BLOCK_B], dtype=ACC) + tl.sum(tl.where(live, s_third, 0.0), axis=0)
+                any_bad = tl.max(tl.where(live & bad, 1, 0), axis=0)
+                bad_rule = (tl.zeros([BLOCK_B], dtype=tl.int32) + any_bad) > 0
         d = _div(s_abs, tl.zeros([BLOCK_B], dtype=ACC) + n_decide, F64)
         d1 = tl.load(prev_d_ptr + b * 2 + 0, mask=live, other=0.0)
         d2 = tl.load(prev_d_ptr + b * 2 + 1, mask=live, other=0.0)
@@ -456,16 +578,27 @@ if triton is not None:
         ]
     )  # fmt: skip
     def _decide_kernel(
-        partials_ptr, prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr, delta_ptr,
+        partials_ptr, prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr, delta_ptr, pooled_ptr,
         B, n, n_decide, plane, num_chunks, stats_off, score_off, deciding, window, cap_active,
-        ORDER: tl.constexpr, CRITERION: tl.constexpr, PER_SAMPLE: tl.constexpr,
+        ORDER: tl.constexpr, CRITERION: tl.constexpr, PER_SAMPLE: tl.constexpr, POOLED: tl.constexpr,
         ACC: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         """Stage 2, one program, one lane per sample: the [B, C] partials of each quantity are
-        summed tile by tile ([BLOCK_B, BLOCK_C] loads, a tree sum along C per tile, tiles in
-        ascending order: deterministic), then ``_decide``."""
+        summed (``_reduce_partials``), then ``_decide``. With C = 1 (``skip_decide``) the
+        partials are the per-sample sums themselves and the reduction adds them to 0 (exact)."""
         b = tl.arange(0, BLOCK_B)
         live = b < B
+        s_abs, s_sq, s_third, s_bad = _reduce_partials(partials_ptr, b, live, plane, num_chunks, ACC, BLOCK_B, BLOCK_C)
+        _decide(s_abs, s_sq, s_third, s_bad, b, live, prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr,
+                delta_ptr, pooled_ptr, n, n_decide, stats_off, score_off, deciding, window, cap_active,
+                ORDER, CRITERION, PER_SAMPLE, POOLED, ACC, F64, BLOCK_B)  # fmt: skip
+
+    @triton.jit
+    def _reduce_partials(
+        partials_ptr, b, live, plane, num_chunks, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr
+    ):  # fmt: skip
+        """The [B, C] partials of each quantity summed tile by tile ([BLOCK_B, BLOCK_C] loads, a
+        tree sum along C per tile, tiles in ascending order: deterministic)."""
         s_abs = tl.zeros([BLOCK_B], dtype=ACC)
         s_sq = tl.zeros([BLOCK_B], dtype=ACC)
         s_third = tl.zeros([BLOCK_B], dtype=ACC)
@@ -478,14 +611,27 @@ if triton is not None:
             s_sq += tl.sum(tl.load(p + plane, mask=m, other=0.0), axis=1)
             s_third += tl.sum(tl.load(p + 2 * plane, mask=m, other=0.0), axis=1)
             s_bad += tl.sum(tl.load(p + 3 * plane, mask=m, other=0.0), axis=1)
-        _decide(s_abs, s_sq, s_third, s_bad, b, live, prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr,
-                delta_ptr, n, n_decide, stats_off, score_off, deciding, window, cap_active,
-                ORDER, CRITERION, PER_SAMPLE, ACC, F64, BLOCK_B)  # fmt: skip
+        return s_abs, s_sq, s_third, s_bad
+
+    @triton.jit(do_not_specialize=["B", "plane", "num_chunks"])
+    def _sums_kernel(
+        partials_ptr, sums_ptr, B, plane, num_chunks,
+        ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """Stage 1b of ``skip_partials``, one program: the [4, B, C] partials reduced to the
+        per-sample sums [4, B] exactly as ``_decide_kernel`` reduces them."""
+        b = tl.arange(0, BLOCK_B)
+        live = b < B
+        s_abs, s_sq, s_third, s_bad = _reduce_partials(partials_ptr, b, live, plane, num_chunks, ACC, BLOCK_B, BLOCK_C)
+        tl.store(sums_ptr + b, s_abs, mask=live)
+        tl.store(sums_ptr + B + b, s_sq, mask=live)
+        tl.store(sums_ptr + 2 * B + b, s_third, mask=live)
+        tl.store(sums_ptr + 3 * B + b, s_bad, mask=live)
 
     @triton.jit(do_not_specialize=["B", "n_decide", "stats_off", "score_off", "deciding", "window", "cap_active"])
     def _fused_kernel(
         x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr,
-        prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr, delta_ptr,
+        prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr, delta_ptr, pooled_ptr,
         B, n, n_decide, stats_off, score_off, deciding, window, cap_active,
         ORDER: tl.constexpr, CRITERION: tl.constexpr, PER_SAMPLE: tl.constexpr, VP: tl.constexpr,
         ACC: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -509,8 +655,8 @@ if triton is not None:
             s_third = tl.where(here, a_third, s_third)
             s_bad = tl.where(here, a_bad, s_bad)
         _decide(s_abs, s_sq, s_third, s_bad, lanes, live, prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr,
-                delta_ptr, n, n_decide, stats_off, score_off, deciding, window, cap_active,
-                ORDER, CRITERION, PER_SAMPLE, ACC, F64, BLOCK_B)  # fmt: skip
+                delta_ptr, pooled_ptr, n, n_decide, stats_off, score_off, deciding, window, cap_active,
+                ORDER, CRITERION, PER_SAMPLE, False, ACC, F64, BLOCK_B)  # fmt: skip
 
 
 # Launch geometry. Module-level so that bench/bench_skip_kernel.py can sweep them on a GPU.
@@ -571,12 +717,9 @@ def _launch(state: SkipState, kernel, grid: tuple, args: dict, options: dict, dy
         state.launches[key] = compiled
 
 
-def _update_triton(latents, sigmas, state: SkipState, step: int, rule: SkipRule) -> None:
-    """Launch the kernels (one for small latents, two otherwise). Host work: a few integers per step."""
+def _triton_inputs(latents, sigmas) -> tuple:
+    """Checked latents and sigmas, padded to the kernels' four slots: (dynamic tensors, their arguments)."""
     x0 = latents[0]
-    B = x0.shape[0]
-    n = x0.numel() // B
-    acc = state.prev_d.dtype
     for x in latents:
         if not x.is_contiguous():
             raise ValueError("the Triton skip kernel needs contiguous latents")
@@ -585,6 +728,40 @@ def _update_triton(latents, sigmas, state: SkipState, step: int, rule: SkipRule)
     lat = list(latents) + [x0] * (4 - len(latents))
     sig = [g if g.is_contiguous() else g.contiguous() for g in sigmas]
     sig += [sig[0]] * (4 - len(sig))
+    dynamic = (*lat, *sig)
+    return dynamic, dict(zip(("x0_ptr", "x1_ptr", "x2_ptr", "x3_ptr", "g0_ptr", "g1_ptr", "g2_ptr", "g3_ptr"), dynamic))
+
+
+def _stage1_triton(latents, state: SkipState, inputs: dict, dynamic: tuple, order: int, rule: SkipRule) -> torch.Tensor:
+    """Launch ``_partials_kernel`` on its (B, C) grid; returns the [4, B, C] partials (``state.partials``)."""
+    x0 = latents[0]
+    B = x0.shape[0]
+    n = x0.numel() // B
+    acc = state.prev_d.dtype
+    f64 = acc == torch.float64
+    partials = state.partials
+    if partials is None or partials.shape[1] != B:
+        partials = state.partials = torch.empty((4, B, _num_chunks(B, n, x0.device)), dtype=acc, device=x0.device)
+    C = partials.shape[2]
+    chunk = -(-n // C)
+    chunk = -(-chunk // _BLOCK) * _BLOCK
+    stage1 = dict(**inputs, partials_ptr=partials, n=n, chunk=chunk, plane=B * C, num_chunks=C,
+                  ORDER=order, VP=rule.vp, ACC=tl.float64 if f64 else tl.float32, F64=f64, BLOCK=_BLOCK)  # fmt: skip
+    _launch(state, _partials_kernel, (B, C), stage1, dict(num_warps=_NUM_WARPS), dynamic, order)
+    return partials
+
+
+def _decide_block_c(block_b: int) -> int:
+    return max(1, min(64, _DECIDE_TILE // block_b))
+
+
+def _update_triton(latents, sigmas, state: SkipState, step: int, rule: SkipRule) -> None:
+    """Launch the kernels (one for small latents, two otherwise). Host work: a few integers per step."""
+    x0 = latents[0]
+    B = x0.shape[0]
+    n = x0.numel() // B
+    acc = state.prev_d.dtype
+    dynamic, inputs = _triton_inputs(latents, sigmas)
     order = _order(len(latents), rule)
     f64 = acc == torch.float64
     tl_acc = tl.float64 if f64 else tl.float32
@@ -593,26 +770,60 @@ def _update_triton(latents, sigmas, state: SkipState, step: int, rule: SkipRule)
     block_b = max(16, triton.next_power_of_2(B))
     decision = (B, n, n if rule.per_sample else n * B)  # samples, elements per sample, elements per decision
     offsets = ((step - 1) * B * 3, min(step, N - 1) * B, int(_deciding(step, rule, state)), window, int(active))
-    state_ptrs = (state.prev_d, state.skip_run, state.flags, state.stats, state.scores, state.delta)
+    # pooled_ptr: unused (POOLED=False: a batch-wide decision pools the lanes inside the kernel)
+    state_ptrs = (state.prev_d, state.skip_run, state.flags, state.stats, state.scores, state.delta, state.delta)
     constants = dict(ORDER=order, CRITERION=max(rule.criterion, 1), PER_SAMPLE=rule.per_sample, ACC=tl_acc, F64=f64)
-    dynamic = (*lat, *sig)
-    inputs = dict(zip(("x0_ptr", "x1_ptr", "x2_ptr", "x3_ptr", "g0_ptr", "g1_ptr", "g2_ptr", "g3_ptr"), dynamic))
-    state_args = dict(zip(("prev_d_ptr", "run_ptr", "flags_ptr", "stats_ptr", "scores_ptr", "delta_ptr"), state_ptrs))
+    state_names = ("prev_d_ptr", "run_ptr", "flags_ptr", "stats_ptr", "scores_ptr", "delta_ptr", "pooled_ptr")
+    state_args = dict(zip(state_names, state_ptrs))
     step_args = dict(zip(("stats_off", "score_off", "deciding", "window", "cap_active"), offsets))
     sizes = dict(zip(("B", "n", "n_decide"), decision))
     if B * n <= _FUSED_MAX_ELEMENTS:
-        args = dict(**inputs, **state_args, **sizes, **step_args, **constants, VP=rule.vp, BLOCK=_FUSED_BLOCK, BLOCK_B=block_b)
+        args = dict(**inputs, **state_args, **sizes, **step_args, **constants, VP=rule.vp, BLOCK=_FUSED_BLOCK,
+                    BLOCK_B=block_b)  # fmt: skip
         _launch(state, _fused_kernel, (1,), args, dict(num_warps=_FUSED_NUM_WARPS), dynamic, order)
         return
-    partials = state.partials
-    if partials is None or partials.shape[1] != B:
-        partials = state.partials = torch.empty((4, B, _num_chunks(B, n, x0.device)), dtype=acc, device=x0.device)
+    partials = _stage1_triton(latents, state, inputs, dynamic, order, rule)
     C = partials.shape[2]
-    chunk = -(-n // C)
-    chunk = -(-chunk // _BLOCK) * _BLOCK
-    stage1 = dict(**inputs, partials_ptr=partials, n=n, chunk=chunk, plane=B * C, num_chunks=C,
-                  ORDER=order, VP=rule.vp, ACC=tl_acc, F64=f64, BLOCK=_BLOCK)  # fmt: skip
-    _launch(state, _partials_kernel, (B, C), stage1, dict(num_warps=_NUM_WARPS), dynamic, order)
     stage2 = dict(partials_ptr=partials, **state_args, **sizes, plane=B * C, num_chunks=C, **step_args, **constants,
-                  BLOCK_B=block_b, BLOCK_C=max(1, min(64, _DECIDE_TILE // block_b)))  # fmt: skip
+                  POOLED=False, BLOCK_B=block_b, BLOCK_C=_decide_block_c(block_b))  # fmt: skip
     _launch(state, _decide_kernel, (1,), stage2, dict(num_warps=4), (), order)
+
+
+def _partials_triton(latents, sigmas, state: SkipState, rule: SkipRule) -> torch.Tensor:
+    """``skip_partials`` on Triton: the partials kernel, then ``_sums_kernel`` to [4, B]."""
+    dynamic, inputs = _triton_inputs(latents, sigmas)
+    order = _order(len(latents), rule)
+    partials = _stage1_triton(latents, state, inputs, dynamic, order, rule)
+    _, B, C = partials.shape
+    sums = torch.empty((4, B), dtype=partials.dtype, device=partials.device)
+    block_b = max(16, triton.next_power_of_2(B))
+    args = dict(partials_ptr=partials, sums_ptr=sums, B=B, plane=B * C, num_chunks=C,
+                ACC=tl.float64 if partials.dtype == torch.float64 else tl.float32,
+                BLOCK_B=block_b, BLOCK_C=_decide_block_c(block_b))  # fmt: skip
+    _launch(state, _sums_kernel, (1,), args, dict(num_warps=4), (sums,), order)
+    return sums
+
+
+def _decide_triton(sums: torch.Tensor, state: SkipState, step: int, rule: SkipRule, order: int, n: int, pooled) -> None:
+    """``skip_decide`` on Triton: ``_decide_kernel`` over the sums as [4, B, 1] partials (C = 1)."""
+    B = sums.shape[1]
+    sums = sums.contiguous()
+    f64 = state.prev_d.dtype == torch.float64
+    N = state.scores.shape[0]
+    window, active = cap_window(step, rule)
+    block_b = max(16, triton.next_power_of_2(B))
+    given = pooled is not None
+    totals = pooled[0].contiguous() if given else state.delta  # pooled_ptr is only read when POOLED
+    n_decide = n if rule.per_sample else (int(pooled[1]) if given else n * B)
+    args = dict(
+        partials_ptr=sums, prev_d_ptr=state.prev_d, run_ptr=state.skip_run, flags_ptr=state.flags,
+        stats_ptr=state.stats, scores_ptr=state.scores, delta_ptr=state.delta, pooled_ptr=totals,
+        B=B, n=n, n_decide=n_decide, plane=B, num_chunks=1,
+        stats_off=(step - 1) * B * 3, score_off=min(step, N - 1) * B, deciding=int(_deciding(step, rule, state)),
+        window=window, cap_active=int(active),
+        ORDER=order, CRITERION=max(rule.criterion, 1), PER_SAMPLE=rule.per_sample, POOLED=given,
+        ACC=tl.float64 if f64 else tl.float32, F64=f64, BLOCK_B=block_b, BLOCK_C=_decide_block_c(block_b),
+    )  # fmt: skip
+    # the cache key tells this launch from _update_triton's (sums and totals are dynamic here) and
+    # from the other POOLED variant
+    _launch(state, _decide_kernel, (1,), args, dict(num_warps=4), (sums, totals), (order, given))

@@ -42,6 +42,11 @@ then only ``decide`` is left. A complete third-party policy::
 Contracts the runner enforces on any controller: ``decide`` returns one bool per row, all True
 at call 0; it is called once per step, in order. A controller should cost at most one
 device-to-host read per step (the decision itself).
+
+Across processes (``adaptive_sampling.distributed``): a controller whose decision depends on the
+latent only through per-sample sums over its elements may implement ``use_collective(c)`` and
+pass those sums through ``c.sample_sums`` (and ``c.batch_sums`` in a batch-wide mode) before
+deciding; its policy then declares ``shardable = True``. The built-in controllers do.
 """
 
 from __future__ import annotations

@@ -94,6 +94,11 @@ class BudgetController(Controller):
         self.scores = np.full((B, num_steps), np.nan)
         self.forced = np.zeros((B, num_steps), dtype=np.int8)  # 1 reserve, 2 spent, 3 max_skips
 
+    def use_collective(self, collective) -> None:
+        """Across processes (``adaptive_sampling.distributed``): the scorer's sums go through
+        ``collective``; the budget logic itself runs on the host from the (then identical) scores."""
+        self.scorer.use_collective(collective)
+
     def reuse(self, step: int, sigma: torch.Tensor) -> torch.Tensor:
         return self.scorer.reuse(step, sigma)
 

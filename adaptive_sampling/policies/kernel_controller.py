@@ -4,6 +4,12 @@ device-to-host read per step (decision + NaN/Inf check of the latent).
 
 All arithmetic of the third-order rule lives in the kernel module (one dispatch, torch or
 Triton); this module only wires parameters, history and bookkeeping.
+
+Across processes (``adaptive_sampling.distributed``): ``use_collective`` makes every update run
+the kernel's two stages apart, ``skip_partials`` (per-sample sums of this process's elements),
+the collective (all-reduce over the shards of a sharded latent; pooling over a data-parallel
+group in batch mode), then ``skip_decide`` on the completed sums: every process then decides from
+the same bits. Without a collective (one process) the fused ``skip_update`` runs, unchanged.
 """
 
 from __future__ import annotations
@@ -59,6 +65,21 @@ class KernelController(Controller):
         self._run = np.zeros(B, dtype=np.int64)  # host copy of the skip counter, for `capped`
         self._history: list[tuple[torch.Tensor, torch.Tensor]] = []  # newest first, bounded
 
+    collective = None  # set by adaptive_sampling.distributed; None: this process decides alone
+
+    def use_collective(self, collective) -> None:
+        """Complete the per-sample sums through ``collective`` before deciding (see the module docstring)."""
+        self.collective = collective
+
+    def _update(self, latents, sigmas, step: int) -> torch.Tensor:
+        """One kernel update of the state; returns the flag bytes (on the latents' device)."""
+        ks, c = self._ks, self.collective
+        if c is None:
+            return ks.skip_update(latents, sigmas, self.state, step, self.rule, self.backend)
+        sums = c.sample_sums(ks.skip_partials(latents, sigmas, self.state, self.rule, self.backend), step)
+        pooled = None if self.rule.per_sample else c.batch_sums(sums, step)
+        return ks.skip_decide(sums, self.state, step, self.rule, len(latents), c.numel, pooled, self.backend)
+
     @property
     def can_skip(self) -> bool:  # type: ignore[override]
         return self.fixed is not None or self.rule.criterion != self._ks.NONE
@@ -71,7 +92,7 @@ class KernelController(Controller):
         self._history.insert(0, (x, sigma))
         del self._history[self.rule.history :]
         latents, sigmas = zip(*self._history)
-        flags = self._ks.skip_update(latents, sigmas, self.state, step, self.rule, self.backend)
+        flags = self._update(latents, sigmas, step)
         if with_score:
             packed = torch.stack([flags.to(self.state.scores.dtype), self.state.scores[step]]).cpu().numpy()
             flags, score = packed[0].astype(np.int64), packed[1].astype(np.float64)

@@ -111,6 +111,15 @@ class LocalErrorController(Controller):
         self.run = np.zeros(B, dtype=np.int64)  # consecutive skips so far, per row
         self.computed_calls = np.zeros(B, dtype=np.int64)
 
+    collective = None  # set by adaptive_sampling.distributed; None: this process decides alone
+
+    def use_collective(self, collective) -> None:
+        """Across processes: the per-sample sums (squared difference, squared latent, NaN flag)
+        are completed through ``collective`` (all-reduced over the shards of a sharded latent,
+        pooled over a data-parallel group in batch mode) before the estimate is formed, so every
+        process decides from the same bits. Still one host read per step."""
+        self.collective = collective
+
     def record(self, step: int, sigma: torch.Tensor, eps: torch.Tensor, rows: torch.Tensor | None) -> None:
         self.reuse_state.record(step, sigma, eps, rows)
         if not self._shared:
@@ -128,7 +137,13 @@ class LocalErrorController(Controller):
         xs = x.reshape(B, -1).to(self.acc)
         bad = (xs * 0).sum(dim=1).isnan()
         num, den = (d * d).sum(dim=1), (xs * xs).sum(dim=1)
-        if not self.policy.per_sample:
+        c = self.collective
+        if c is not None:
+            sums = c.sample_sums(torch.stack([num, den, bad.to(self.acc)]), step)
+            if not self.policy.per_sample:
+                sums = c.batch_sums(sums, step)[0][:, None].expand(3, B)
+            num, den, bad = sums[0], sums[1], sums[2] > 0
+        elif not self.policy.per_sample:
             num, den, bad = num.sum().expand(B), den.sum().expand(B), bad.any().expand(B)
         rel = (num / den).sqrt()
         packed = torch.stack([rel.to(torch.float64), bad.to(torch.float64)]).cpu().numpy()
