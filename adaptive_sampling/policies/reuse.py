@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 
 import torch
 
-__all__ = ["Reuse", "ReuseState", "Copy", "Extrapolate", "make_reuse"]
+__all__ = ["Reuse", "ReuseState", "Copy", "Extrapolate", "make_reuse", "reuse_to_dict", "reuse_from_dict"]
 
 Variable = Literal["log_sigma", "sigma"]
 
@@ -162,3 +162,22 @@ def make_reuse(reuse) -> Reuse:
     if not callable(getattr(reuse, "start", None)):
         raise ValueError(f"reuse must be 'copy' or a strategy such as Extrapolate(order=1), got {reuse!r}")
     return reuse
+
+
+def reuse_to_dict(reuse) -> dict:
+    """A JSON-able description of a built-in reuse strategy (for schedule files)."""
+    r = make_reuse(reuse)
+    if isinstance(r, Copy):
+        return {"kind": "copy"}
+    if isinstance(r, Extrapolate):
+        return {"kind": "extrapolate", "order": r.order, "variable": r.variable}
+    raise ValueError(f"only 'copy' and Extrapolate reuse can be saved, got {reuse!r}")
+
+
+def reuse_from_dict(d: dict) -> Reuse | str:
+    """The inverse of ``reuse_to_dict``."""
+    if d.get("kind") == "copy":
+        return "copy"
+    if d.get("kind") == "extrapolate":
+        return Extrapolate(int(d["order"]), d["variable"])
+    raise ValueError(f"unknown reuse {d!r}: expected kind 'copy' or 'extrapolate'")
