@@ -9,11 +9,16 @@ third-party policy) is in ``base``:
 * ``fixed_mask``: ``FixedMask``, a given compute mask (baselines, oracles);
 * ``local_error``: ``LocalError``, an embedded-pair estimate of the skip's one-step error;
 * ``budget``: ``Budget``, exactly ``nfe`` calls per sample, allocated online by a rule;
+* ``calibrated``: ``Calibrated``, a schedule searched offline (``adaptive_sampling.calibrate``),
+  keyed by log sigma, saved as JSON, optionally refined per sample online;
+* ``by_sampler``: ``BySampler``, one policy object holding a different policy per sampler;
 * ``kernel_controller``: the controller behind ``ThirdOrder`` and ``FixedMask`` (fused kernel).
 """
 
 from .base import Controller, SkipPolicy
 from .budget import Budget
+from .by_sampler import BySampler
+from .calibrated import Calibrated
 from .fixed_mask import FixedMask
 from .kernel_controller import KernelController, NonFiniteLatent
 from .local_error import LocalError
@@ -27,6 +32,8 @@ __all__ = [
     "FixedMask",
     "LocalError",
     "Budget",
+    "Calibrated",
+    "BySampler",
     "Copy",
     "Extrapolate",
     "make_reuse",
