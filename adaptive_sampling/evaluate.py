@@ -16,6 +16,8 @@ gives K = its NFE per sample, and each baseline is run at exactly that K per sam
   DDPM-discrete grids pass a trailing-spacing schedule: leading spacing moves the start;
 * ``dpmpp_2m_steps``: DPM-Solver++(2M) on a K-step grid of the same kind, the fast solver a
   user would pick instead of skipping (for the ``dpmpp_2m`` sampler it equals ``fewer_steps``);
+* ``dpmpp_2m_grid``: DPM-Solver++(2M) on a calibrated K-point grid (``grid_for(K)``, e.g. from
+  ``calibrate(..., as_grid=True)``): the fast solver on the best grid we can make;
 * ``random``: step 0 plus K - 1 random calls;
 * ``greedy``: the greedy optimal path (``baselines.greedy_masks``), the paper's oracle.
 
@@ -47,7 +49,7 @@ from .sampling import sample_ddim, sample_dpmpp_2m, sample_euler
 __all__ = ["evaluate", "Evaluation", "Result", "Association", "SAMPLERS", "BASELINES"]
 
 SAMPLERS: dict[str, Callable] = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m, "euler": sample_euler}
-BASELINES = ("uniform", "fewer_steps", "dpmpp_2m_steps", "random", "greedy")
+BASELINES = ("uniform", "fewer_steps", "dpmpp_2m_steps", "dpmpp_2m_grid", "random", "greedy")
 
 
 @dataclass
@@ -139,6 +141,7 @@ def evaluate(
     seed: int = 0,
     disable: bool | None = None,
     truth_steps: int | None = None,
+    grid_for: Callable[[int], torch.Tensor] | None = None,
 ) -> Evaluation:
     """Run every policy and baseline on every sampler; see the module docstring.
 
@@ -146,7 +149,8 @@ def evaluate(
     run starts from ``noise * sigmas[0]`` of its own grid). schedule: n -> sigmas (n steps).
     policies: name -> policy. greedy_for: policy names to run the (costly) greedy search for
     (default: all). disable: hide the progress bar. truth_steps: also score against a
-    DPM-Solver++(2M) solve with this many steps (``Result.psnr_truth``).
+    DPM-Solver++(2M) solve with this many steps (``Result.psnr_truth``). grid_for: K -> a
+    calibrated K-point grid, for the ``dpmpp_2m_grid`` baseline (skipped without it).
     """
     unknown = [s for s in samplers if s not in SAMPLERS]
     if unknown:
@@ -163,6 +167,8 @@ def evaluate(
     images = noise.ndim == 4 and min(noise.shape[-2:]) >= 3
     rng = np.random.default_rng(seed)
     sigmas = schedule(steps)
+    if grid_for is None:
+        baselines = [b for b in baselines if b != "dpmpp_2m_grid"]
     per_policy = 1 + sum(b != "greedy" for b in baselines)
     tasks = len(samplers) * (1 + len(policies) * per_policy + ("greedy" in baselines) * len(greedy_for))
     results: list[Result] = []
@@ -217,6 +223,10 @@ def evaluate(
                 if "dpmpp_2m_steps" in baselines:
                     out, sec = timed(fewer_steps, sample_dpmpp_2m, model, noise, schedule, k, extra_args)
                     measure(name, "dpmpp_2m_steps", pname, k, out, sec)
+                    bar.update()
+                if "dpmpp_2m_grid" in baselines:
+                    out, sec = timed(fewer_steps, sample_dpmpp_2m, model, noise, grid_for, k, extra_args)
+                    measure(name, "dpmpp_2m_grid", pname, k, out, sec)
                     bar.update()
                 if "random" in baselines:
                     replay("random", np.stack([random_mask(steps, int(kb), rng) for kb in k]))

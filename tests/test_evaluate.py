@@ -141,3 +141,25 @@ def test_evaluate_dpmpp_baseline_and_ode_truth():
     assert "PSNR vs ODE truth" in ev.table()
     with pytest.raises(ValueError, match="truth_steps must be"):
         evaluate(model, noise, schedule, {"b": Budget(10)}, steps=16, truth_steps=0)
+
+
+def test_evaluate_calibrated_grid_baseline():
+    """dpmpp_2m_grid runs DPM-Solver++(2M) on grid_for(K) at the policy's per-sample K; it is left
+    out without grid_for."""
+    model = MLPDenoiser(dim=64, seed=1)
+    noise = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    schedule = partial(get_sigmas_karras, sigma_min=0.03, sigma_max=14.6)
+
+    def grid_for(k):  # a different grid than the schedule's own, so the baseline is not dpmpp_2m_steps
+        return get_sigmas_karras(k, 0.03, 14.6, rho=3.0)
+
+    ev = evaluate(model, noise, schedule, {"b": Budget(9)}, steps=16, samplers=("euler",), disable=True,
+                  baselines=("dpmpp_2m_steps", "dpmpp_2m_grid"), grid_for=grid_for)  # fmt: skip
+    r = ev.select("euler", "dpmpp_2m_grid", "b")[0]
+    assert r.nfe.tolist() == [9] * 3
+    want, _ = sample_dpmpp_2m(model, noise * grid_for(9)[0], grid_for(9), disable=True)
+    assert torch.equal(r.output, want)
+    assert not torch.equal(r.output, ev.select("euler", "dpmpp_2m_steps", "b")[0].output)
+    ev = evaluate(model, noise, schedule, {"b": Budget(9)}, steps=16, samplers=("euler",), disable=True,
+                  baselines=("dpmpp_2m_grid",))  # fmt: skip
+    assert not ev.select("euler", "dpmpp_2m_grid", "b")
