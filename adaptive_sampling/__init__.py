@@ -12,10 +12,12 @@ every solver update still runs. Decisions are per sample by default.
 Importing this package loads torch and numpy only (no k_diffusion, triton, scipy, matplotlib).
 """
 
-from .policies import Budget, Controller, Extrapolate, FixedMask, LocalError, SkipPolicy, ThirdOrder, default_space
+from .policies import Budget, Calibrated, Controller, Extrapolate, FixedMask, LocalError, SkipPolicy, ThirdOrder, default_space
 from .models import denoiser_from_eps, denoiser_from_v, denoiser_from_x0
 from .report import SkipReport
 from .sampling import sample_ddim, sample_dpmpp_2m, sample_euler
+from .calibration import calibrate
+from .recommended import default_policy
 from .schedules import get_sigmas_ddpm, get_sigmas_exponential, get_sigmas_karras
 
 __version__ = "0.1.0"
@@ -25,6 +27,9 @@ __all__ = [
     "FixedMask",
     "LocalError",
     "Budget",
+    "Calibrated",
+    "calibrate",
+    "default_policy",
     "Extrapolate",
     "SkipPolicy",
     "Controller",
