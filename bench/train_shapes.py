@@ -507,7 +507,7 @@ def write_results(args, config, rows, n_params, train_seconds, total_seconds, cl
         "",
         f"## Loss every {steps[0]} steps",
         "",
-        "Training loss: mean over the preceding steps (bfloat16 forward, label dropout). EMA: the EMA weights"
+        f"Training loss: mean over the preceding steps ({'bfloat16' if args.bf16 else 'float32'} forward, label dropout). EMA: the EMA weights"
         " in float32, eval mode, on 1024 fixed (image, noise, t) draws.",
         "",
         "| step | training loss | EMA loss | lr | seconds |",
