@@ -8,7 +8,13 @@ x {per-sample, batch} x spaces (VP, VE), on three offline workloads:
 * ``learned``: the shipped digits denoiser with guidance 2 (smooth, generalising: the ranking one);
 * ``digits-exact``: the exact denoiser of the digits set with guidance 2 (memorises: outputs
   either coincide or land on another training image; mechanics only);
-* ``gaussian``: Gaussian data with its exact denoiser (linear ODE).
+* ``gaussian``: Gaussian data with its exact denoiser (linear ODE);
+* ``shapes-leading``, ``shapes-trailing``, ``shapes-karras``: the shipped SD-shaped UNet (eps
+  prediction, SD's DDPM schedule) with guidance 3 on its DDPM grid with leading spacing (what
+  Stable Diffusion samples with), trailing spacing, and a Karras grid over its training sigmas.
+  Its calls cost ~7 ms per guided sample on this CPU, so it runs a reduced grid (``max_skips`` 4,
+  per-sample decisions, both spaces) and no greedy oracle; the fewer-steps baseline on the
+  leading grid starts where a K-step leading grid starts (as in diffusers).
 
 For every configuration the adaptive run gives K calls per sample, and uniform-stride reuse and
 a K-step grid ("fewer steps") run at exactly that K. PSNR is against the full-step output from
@@ -39,8 +45,8 @@ DELTAS = {"reference": [0.005, 0.01, 0.02, 0.05, 0.1], "paper": [0.05, 0.1, 0.2,
 MAX_SKIPS = [2, 4, 6]
 
 
-def workloads(batch: int, seed: int):
-    """name -> (model, noise [B,1,8,8], extra_args, schedule)."""
+def workloads(batch: int, seed: int, names=("learned", "digits-exact", "gaussian"), shapes_batch: int = 10):
+    """name -> (model, noise [B, ...], extra_args, schedule) for the workloads in ``names``."""
     from adaptive_sampling.workloads.digits import DigitsOptimalDenoiser
     from adaptive_sampling.workloads.gaussian import GaussianWorkload
     from adaptive_sampling.workloads.learned import (
@@ -56,17 +62,31 @@ def workloads(batch: int, seed: int):
     karras = partial(get_sigmas_karras, sigma_min=RECOMMENDED_SIGMA_MIN, sigma_max=RECOMMENDED_SIGMA_MAX)
     exact = DigitsOptimalDenoiser()
     gauss = GaussianWorkload.make(num_classes=10, shape=(1, 8, 8), std=0.5, seed=seed, dtype=torch.float32)
-    return {
+    out = {
         "learned": (cfg_denoiser(load_pretrained(), 2.0), noise, {"y": labels}, karras),
         "digits-exact": (lambda x, s, y: exact(x, s, y=y, cond_scale=2.0), noise, {"y": labels}, karras),
         "gaussian": (gauss.denoiser, noise, {"y": labels}, partial(get_sigmas_karras, sigma_min=0.002, sigma_max=20.0)),
     }
+    if any(n in SHAPES for n in names):
+        from adaptive_sampling.workloads import shapes
+
+        model = shapes.denoiser(3.0)
+        rgb = torch.randn(shapes_batch, *shapes.IMAGE_SHAPE, generator=torch.Generator().manual_seed(seed))
+        extra = {"y": torch.arange(shapes_batch) % 10}
+        grids = {"shapes-leading": partial(shapes.sigmas, spacing="leading"), "shapes-trailing": partial(shapes.sigmas, spacing="trailing"),
+                 "shapes-karras": shapes.karras_sigmas}  # fmt: skip
+        out.update({n: (model, rgb, extra, g) for n, g in grids.items()})
+    return {n: v for n, v in out.items() if n in names}
 
 
-def configs():
+def configs(reduced: bool = False):
     for criterion, deltas in DELTAS.items():
-        for delta, max_skips, per_sample, space in itertools.product(deltas, MAX_SKIPS, (True, False), ("vp", "ve")):
+        grid = itertools.product(deltas, [4] if reduced else MAX_SKIPS, (True,) if reduced else (True, False), ("vp", "ve"))
+        for delta, max_skips, per_sample, space in grid:
             yield ThirdOrder(delta=delta, max_skips=max_skips, criterion=criterion, per_sample=per_sample, space=space)
+
+
+SHAPES = ("shapes-leading", "shapes-trailing", "shapes-karras")
 
 
 def sweep(name, model, noise, extra, schedule, steps, bar):
@@ -75,7 +95,7 @@ def sweep(name, model, noise, extra, schedule, steps, bar):
     for sampler, sample in SAMPLERS.items():
         x = noise * sigmas[0]
         ref, _ = sample(model, x, sigmas, extra, disable=True)
-        for policy in configs():
+        for policy in configs(reduced=name in SHAPES):
             out, rep = sample(model, x, sigmas, extra, disable=True, skip=policy)
             k = rep.nfe
             uni, _ = sample(model, x, sigmas, extra, disable=True, skip=FixedMask(np.stack([uniform_mask(steps, int(v)) for v in k])))
@@ -95,7 +115,8 @@ def report(rows, defaults, args, seconds) -> str:
     lines = [
         "# Quality sweep",
         "",
-        f"Command: `python bench/quality_sweep.py --steps {args.steps} --batch {args.batch} --seed {args.seed}`  ",
+        f"Command: `python bench/quality_sweep.py --steps {args.steps} --batch {args.batch} --seed {args.seed}"
+        f" --shapes-batch {args.shapes_batch}`  ",
         f"Machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
         f"Python {platform.python_version()}, torch {torch.__version__}; {date.today()}; {seconds / 60:.1f} min.",
         "",
@@ -139,19 +160,21 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workloads", nargs="*", default=["learned", "digits-exact", "gaussian"])
+    p.add_argument("--workloads", nargs="*", default=["learned", "digits-exact", "gaussian", *SHAPES])
+    p.add_argument("--shapes-batch", type=int, default=10, help="samples of the shapes workloads (one per class)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "quality.md")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
-    loads = {k: v for k, v in workloads(args.batch, args.seed).items() if k in args.workloads}
-    n_configs = sum(1 for _ in configs())
+    loads = workloads(args.batch, args.seed, args.workloads, args.shapes_batch)
+    n_configs = sum(sum(1 for _ in configs(reduced=n in SHAPES)) for n in loads)
     rows, defaults = [], {}
-    with Bar(len(loads) * len(SAMPLERS) * n_configs, "quality sweep") as bar:
+    with Bar(len(SAMPLERS) * n_configs, "quality sweep") as bar:
         for name, (model, noise, extra, schedule) in loads.items():
             rows += sweep(name, model, noise, extra, schedule, args.steps, bar)
     for name, (model, noise, extra, schedule) in loads.items():
-        ev = evaluate(model, noise, schedule, {"default": ThirdOrder()}, steps=args.steps, extra_args=extra)
+        baselines = ("uniform", "fewer_steps", "dpmpp_2m_steps", "random") + (() if name in SHAPES else ("greedy",))
+        ev = evaluate(model, noise, schedule, {"default": ThirdOrder()}, steps=args.steps, extra_args=extra, baselines=baselines)
         defaults[name] = ev.table()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(rows, defaults, args, time.perf_counter() - t0))
