@@ -18,7 +18,7 @@ def test_demo_runs_and_writes_its_files(tmp_path, capsys):
 
 
 def test_demo_runs_on_the_shapes_unet(tmp_path, capsys):
-    assert demo.main(["--workload", "shapes", "--steps", "8", "--batch", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    assert demo.main(["--workload", "shapes", "--steps", "6", "--batch", "1", "--out", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "shapes UNet" in out
     for sampler in ("ddim", "dpmpp_2m", "euler"):
