@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adaptive_sampling.workloads import shapes  # noqa: E402
+from train_digits import lr_factor, machine  # noqa: E402  (bench/ is on the path when run as a script)
 
 EVAL_TIMESTEPS = (10, 100, 250, 500, 750, 900, 990)
 DATA_SEED_BASE = 10**7  # training batch b of seed s uses make_data(batch, s * 10**7 + 10**6 + b)
@@ -147,26 +148,6 @@ def identity_init(unet, bias: float = IDENTITY_BIAS) -> None:
     sb.zero_()
     for c in range(c0):
         sw[c, skip + c, 0, 0] = 1.0
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
 def save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
