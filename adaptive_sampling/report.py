@@ -67,15 +67,40 @@ class SkipReport:
         one-call samplers: the paper's speedup in model calls)."""
         return (self.num_steps + self.extra_evaluations) / self.nfe
 
+    @property
+    def budget(self) -> np.ndarray | None:
+        """[B] the calls per sample the policy was asked to spend (a budgeted policy), else None."""
+        value = self.signals.get("budget")
+        return None if value is None else np.asarray(value)
+
     def skipped_steps(self, row: int = 0) -> list[int]:
         return np.flatnonzero(~self.computed[row]).tolist()
 
-    def summary(self) -> str:
+    def _calls(self) -> str:
         nfe = self.nfe
-        return (
-            f"{self.sampler}, {self.policy}: {self.num_steps} steps, NFE per sample "
-            f"{nfe.min()}..{nfe.max()} (mean {nfe.mean():.1f}), {self.model_calls} model calls"
-        )
+        total = self.num_steps + self.extra_evaluations
+        if nfe.min() == nfe.max():
+            return f"{nfe.min()} of {total} model calls per sample (NFE)"
+        return f"{nfe.mean():.1f} of {total} model calls per sample (NFE; min {nfe.min()}, max {nfe.max()})"
+
+    def summary(self) -> str:
+        """One line: sampler, policy, calls per sample, speedup."""
+        speed = self.speedup
+        speedup = f"{speed.mean():.2f}x" if np.ptp(speed) < 1e-9 else f"{speed.min():.2f}x-{speed.max():.2f}x"
+        return f"{self.sampler}, {self.policy}: {self._calls()}, {speedup} speedup"
+
+    def __str__(self) -> str:
+        lines = [f"SkipReport: {self.summary()}"]
+        lines.append(f"  samples: {len(self.nfe)}, steps: {self.num_steps}, model forwards: {self.model_calls}")
+        if self.budget is not None:
+            spent = "exactly" if (self.nfe - self.extra_evaluations == self.budget).all() else "not exactly"
+            lines.append(f"  budget: {self.budget.max()} calls per sample, spent {spent}")
+        if self.space is not None:
+            lines.append(f"  measured latent: {self.space}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<SkipReport {self.summary()}>"
 
     def plot(self, ax=None, title: str | None = None):
         """Heat map of the compute mask (rows: samples, columns: steps). Needs matplotlib."""

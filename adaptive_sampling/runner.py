@@ -7,10 +7,13 @@ call and asks it for the denoiser output of each step. The run
 * asks the policy's controller which rows call the model (one device-to-host read per step);
 * calls the model on exactly those rows (gather, call, scatter; batch-leading tensors in
   ``extra_args`` are sliced alike) and checks what comes back;
-* answers skipped rows with ``x - sigma * eps_hat``, where ``eps_hat`` is what the controller's
-  reuse strategy gives (the last eps, or a forecast), re-expressed at the current latent and
-  sigma. Reuse is of eps, never of the cached x0 (SPEC.md); computed rows' eps are recorded
-  back into the controller;
+* answers skipped rows with the denoiser output ``eps_hat`` stands for at the current latent and
+  sigma (``x - sigma * eps_hat`` in the VE convention), where ``eps_hat`` is what the controller's
+  reuse strategy gives (the last eps, or a forecast). Reuse is of eps, never of the cached x0
+  (docs/method.md); computed rows' eps are recorded back into the controller;
+* speaks the model's convention (``conventions``: VE, or rectified flow for the flow samplers) to
+  the model and the loop, and the VE view of latent and sigma to the controller, so every policy
+  works unchanged on flow models;
 * builds the ``SkipReport`` from its own bookkeeping (mask, NFE, calls) and the controller's
   ``signals()``. The runner never reads a controller's fields: any object that follows the
   protocol of ``policies.base`` works.
@@ -21,57 +24,23 @@ State lives on the instance only, so a failed call leaves nothing behind and con
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
-from .policies import FixedMask, NonFiniteLatent, SkipPolicy
-from .policies.base import Controller
+from .checks import as_sigmas, check_latent, check_sigmas
+from .conventions import get_convention
+from .policies import FixedMask
+from .policies.base import Controller, NonFiniteLatent, SkipPolicy, check_policy, resolve
 from .report import SkipReport
 
-__all__ = ["SkipRun", "as_sigmas", "check_sigmas", "check_latent", "slice_rows"]
+if TYPE_CHECKING:
+    from .samplers.registry import Sampler
 
+__all__ = ["SkipRun", "slice_rows", "Callback"]
 
-def check_latent(x: Any, name: str = "x") -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {got}")
-    if x.ndim < 2 or x.shape[0] < 1 or x.numel() == 0:
-        raise ValueError(f"{name} must be shaped [batch, ...] with at least one data dimension, got {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} holds NaN or Inf")
-    return x
-
-
-def as_sigmas(sigmas: Any, name: str = "sigmas") -> torch.Tensor:
-    """A sigma schedule as a tensor: tensors pass unchanged, lists / tuples / numpy arrays of
-    numbers become float64 CPU tensors; anything else is a TypeError naming the argument."""
-    if isinstance(sigmas, torch.Tensor):
-        return sigmas
-    if isinstance(sigmas, (list, tuple, np.ndarray)):
-        try:
-            return torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"{name} must be a 1-D tensor (or list / numpy array) of noise levels") from e
-    raise TypeError(f"{name} must be a 1-D tensor (or list / numpy array) of noise levels, got {type(sigmas).__name__}")
-
-
-def check_sigmas(sigmas: Any, name: str = "sigmas") -> torch.Tensor:
-    """Validate a sigma schedule; returns a float64 CPU copy (one read at the start of a call)."""
-    sigmas = as_sigmas(sigmas, name)
-    if sigmas.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(sigmas.shape)}")
-    if len(sigmas) < 2:
-        raise ValueError(f"{name} needs at least 2 entries (one step), got {len(sigmas)}")
-    host = sigmas.detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(host).all()):
-        raise ValueError(f"{name} holds NaN or Inf")
-    if not bool((host[1:] < host[:-1]).all()):
-        raise ValueError(f"{name} must be strictly decreasing")
-    if not bool((host[:-1] > 0).all()) or host[-1] < 0:
-        raise ValueError(f"{name} must be positive (only the last may be 0)")
-    return host
+Callback = Callable[[dict], None]
 
 
 def slice_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
@@ -87,9 +56,27 @@ def slice_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     return value
 
 
-def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a [B] tensor against a [B, ...] one."""
-    return t.reshape(-1, *([1] * (like.ndim - 1)))
+def check_batch_leading(extra_args: dict, batch: int, name: str = "extra_args") -> None:
+    """Every tensor in ``extra_args`` (recursively through dicts, lists and tuples) must lead with
+    the batch size (or 1, broadcast), so that a per-sample call can slice it like x. Anything else
+    is a ValueError naming the entry: a tensor of another length would reach the model unsliced."""
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.ndim and value.shape[0] not in (batch, 1):
+                raise ValueError(
+                    f"{where} has {value.shape[0]} rows (shape {tuple(value.shape)}) but x has batch size {batch}: "
+                    "tensors in extra_args must lead with the batch size (or 1) so per-sample calls can slice them; "
+                    "bind tensors shared by every row into the model instead (e.g. functools.partial)"
+                )
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}[{k!r}]")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+
+    walk(extra_args, name)
 
 
 class SkipRun:
@@ -102,27 +89,37 @@ class SkipRun:
         sigmas: torch.Tensor,
         extra_args: dict | None,
         skip: SkipPolicy | None,
-        sampler: str,
+        sampler: "str | Sampler",
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, sigma, **extra_args), got {type(model).__name__}")
         check_latent(x)
         self.sigmas = check_sigmas(sigmas)
+        self.spec = resolve(sampler)
+        self.convention = get_convention(self.spec.convention)
+        self.convention.check_grid(self.sigmas)
         if extra_args is not None and not isinstance(extra_args, dict):
             raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
-        if skip is not None and not callable(getattr(skip, "start", None)):
-            raise TypeError(f"skip must be a skip policy (ThirdOrder, FixedMask, ...) or None, got {skip!r}")
+        if skip is not None:
+            check_policy(skip, "skip")
         self.model = model
         self.extra_args = extra_args or {}
-        self.sampler = sampler
+        self.sampler = self.spec.name
         self.policy = skip
         self.given = as_sigmas(sigmas)  # the caller's grid as a tensor (its device and dtype)
         self.schedule = self.given.detach().cpu()  # the same on the host, for the solver updates
         self.num_steps = len(self.sigmas) - 1
         self.batch = x.shape[0]
+        check_batch_leading(self.extra_args, self.batch)
         policy = skip or FixedMask(np.ones(self.num_steps, bool))
-        self.controller: Controller = policy.start(x, self.num_steps, sampler, sigmas=self.sigmas)
-        self.can_skip = bool(getattr(self.controller, "can_skip", True))
+        self.view_sigmas = self.convention.ve_sigmas(self.sigmas)  # the grid the policy sees (VE sigma)
+        self.controller: Controller = policy.start(x, self.num_steps, self.spec, sigmas=self.view_sigmas)
+        if not isinstance(self.controller, Controller):
+            raise TypeError(
+                f"{type(policy).__name__}.start() must return a Controller (adaptive_sampling.policies.Controller), "
+                f"got {type(self.controller).__name__}"
+            )
+        self.can_skip = bool(self.controller.can_skip)
         self.computed = np.zeros((self.batch, self.num_steps), dtype=bool)
         self.model_calls = 0
         self.extra_evaluations = 0  # per-row evaluations outside the skippable calls
@@ -136,8 +133,10 @@ class SkipRun:
         ``extra_args`` defaults to the ones the run was started with.
         """
         extra_args = self.extra_args if extra_args is None else extra_args
+        conv = self.convention
+        x_view, sigma_view = conv.ve_view(x, sigma)
         try:
-            compute = self._decide(step, x, sigma)
+            compute = self._decide(step, x_view, sigma_view)
         except NonFiniteLatent as e:
             raise self._non_finite_error(e) from None
         self.last_computed = compute
@@ -145,18 +144,16 @@ class SkipRun:
         if compute.all():
             denoised = self._call_model(step, x, sigma, extra_args)
             if self.can_skip:
-                self.controller.record(step, sigma, (x - denoised) / _rows(sigma, x), None)
+                self.controller.record(step, sigma_view, conv.to_eps(x, sigma, denoised), None)
             return denoised
-        sigma_rows = _rows(sigma, x)
-        denoised = x - sigma_rows * self.controller.reuse(step, sigma)
+        denoised = conv.from_eps(x, sigma, self.controller.reuse(step, sigma_view))
         if compute.any():
             rows = torch.from_numpy(np.flatnonzero(compute)).to(x.device)
-            x_rows = x.index_select(0, rows)
+            x_rows, sigma_rows = x.index_select(0, rows), sigma.index_select(0, rows)
             extra = slice_rows(extra_args, rows, self.batch)
-            out = self._call_model(step, x_rows, sigma.index_select(0, rows), extra)
+            out = self._call_model(step, x_rows, sigma_rows, extra)
             denoised.index_copy_(0, rows, out)
-            eps = (x_rows - out) / sigma_rows.index_select(0, rows)
-            self.controller.record(step, sigma.index_select(0, rows), eps, rows)
+            self.controller.record(step, sigma_view.index_select(0, rows), conv.to_eps(x_rows, sigma_rows, out), rows)
         return denoised
 
     def _decide(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:
@@ -178,7 +175,8 @@ class SkipRun:
         denoised = self._call_model(step, x, sigma, extra_args)
         self.extra_evaluations += 1
         if self.can_skip:
-            self.controller.record(step, sigma, (x - denoised) / _rows(sigma, x), None)
+            _, sigma_view = self.convention.ve_view(x, sigma)
+            self.controller.record(step, sigma_view, self.convention.to_eps(x, sigma, denoised), None)
         return denoised
 
     def _call_model(self, step, x, sigma, extra) -> torch.Tensor:
@@ -207,7 +205,7 @@ class SkipRun:
     def finish(self, x: torch.Tensor, sigma: torch.Tensor) -> SkipReport:
         """Check the final latent and assemble the report."""
         try:
-            self.controller.finish(x, sigma)
+            self.controller.finish(*self.convention.ve_view(x, sigma))
         except NonFiniteLatent as e:
             raise self._non_finite_error(e) from None
         if not bool(torch.isfinite(x).all()):  # for controllers that check nothing themselves
@@ -220,8 +218,15 @@ class SkipRun:
             signals=dict(self.controller.signals()),
             sampler=self.sampler,
             policy=repr(self.policy) if self.policy is not None else "no skipping",
-            space=getattr(self.controller, "space", None),
+            space=self.controller.space,
         )
+
+    def notify(self, callback: Callback | None, i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        """Call the user's callback with k-diffusion's keys plus ``computed`` ([B] bool) for step i."""
+        if callback is not None:
+            sigma = self.given[i]
+            computed = torch.from_numpy(self.last_computed.copy())
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised, "computed": computed})
 
     def sigma_rows(self, step: int, x: torch.Tensor) -> torch.Tensor:
         """sigmas[step] as a [B] tensor on x's device and dtype (the model's sigma argument,

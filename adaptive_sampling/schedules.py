@@ -1,7 +1,8 @@
-"""Noise-level (sigma) schedules in k-diffusion's variance-exploding convention.
+"""Noise-level (sigma) schedules: k-diffusion's variance-exploding convention, and rectified flow.
 
 Every function returns a 1-D tensor of strictly decreasing sigmas ending in the final sigma
-(0 unless asked otherwise): ``len(sigmas) - 1`` solver steps. The Karras and exponential grids
+(0 unless asked otherwise): ``len(sigmas) - 1`` solver steps. ``get_sigmas_flow`` gives flow
+levels s in [0, 1] (starting at 1, pure noise) for the flow samplers. The Karras and exponential grids
 use k-diffusion's formulas; the DDPM-discrete grids reproduce what diffusers' schedulers compute
 (float32 ``alphas_cumprod``, then the timestep grid of the named scheduler), so a sampler run
 here on those sigmas takes the same steps as the diffusers pipeline.
@@ -21,6 +22,8 @@ __all__ = [
     "ddpm_alphas_cumprod",
     "ddpm_timesteps",
     "get_sigmas_ddpm",
+    "get_sigmas_flow",
+    "flow_shift",
     "vp_scale",
 ]
 
@@ -170,3 +173,73 @@ def vp_scale(sigma: torch.Tensor) -> torch.Tensor:
     Written with a correctly rounded division and square root (not rsqrt), so the Triton skip
     kernel, which computes the same expression, agrees bit for bit."""
     return 1 / torch.sqrt(1 + sigma * sigma)
+
+
+FlowSpacing = Literal["pipeline", "scheduler", "dpmsolver"]
+
+
+def flow_shift(s: np.ndarray, shift: float | None = None, mu: float | None = None, time_shift: str = "exponential") -> np.ndarray:
+    """diffusers' time shift of flow levels: static ``shift`` (s' = shift s / (1 + (shift - 1) s),
+    SD3's 3.0) or, with ``mu`` (resolution-dependent, Flux), exponential
+    (s' = e^mu / (e^mu + 1 / s - 1)) or linear (s' = mu / (mu + 1 / s - 1)); in s's dtype."""
+    if mu is not None:
+        if time_shift == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)
+        if time_shift == "linear":
+            return mu / (mu + (1 / s - 1) ** 1.0)
+        raise ValueError(f"time_shift must be 'exponential' or 'linear', got {time_shift!r}")
+    shift = 1.0 if shift is None else shift
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def get_sigmas_flow(
+    n: int,
+    *,
+    shift: float = 1.0,
+    mu: float | None = None,
+    shift_terminal: float | None = None,
+    time_shift: str = "exponential",
+    spacing: FlowSpacing = "pipeline",
+    num_train_timesteps: int = 1000,
+    dtype=torch.float64,
+    device="cpu",
+) -> torch.Tensor:
+    """Flow levels s (n of them, then 0) as diffusers' flow schedulers lay them out, to the float32 bit.
+
+    spacing:
+    * ``"pipeline"``: ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/n, n), mu=...)``,
+      what the Flux, Wan, HunyuanVideo and most flow pipelines pass; starts at s = 1;
+    * ``"scheduler"``: the scheduler's own default (``set_timesteps(n)``, what SD3's pipeline uses):
+      linspace between its shifted sigma_max (1) and sigma_min in timesteps, shifted again;
+    * ``"dpmsolver"``: ``DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift)``;
+      starts just below 1 (1 - 1/T before the shift).
+
+    shift: the static shift (``shift`` / ``flow_shift``; SD3 3.0); mu: dynamic shifting
+    (``use_dynamic_shifting=True``; the Flux pipeline computes mu from the image sequence length)
+    with ``time_shift`` "exponential" (default) or "linear"; shift_terminal: stretch the grid so it
+    ends at that s (LTX-Video) before the final 0.
+    """
+    _check_steps(n)
+    T = num_train_timesteps
+    if spacing == "dpmsolver":
+        if mu is not None or shift_terminal is not None:
+            raise ValueError("spacing='dpmsolver' takes a static shift only (DPMSolverMultistepScheduler's flow_shift)")
+        alphas = np.linspace(1, 1 / T, n + 1)
+        s = np.flip(flow_shift(1.0 - alphas, shift))[:-1].copy()
+    elif spacing in ("pipeline", "scheduler"):
+        if spacing == "pipeline":
+            s = np.linspace(1.0, 1 / n, n).astype(np.float32)
+        else:
+            train = np.linspace(1, T, T, dtype=np.float32)[::-1].copy() / T
+            if mu is None:
+                train = flow_shift(train, shift)
+            s_max, s_min = float(train[0]), float(train[-1])
+            s = np.linspace(s_max * T, s_min * T, n) / T
+        s = flow_shift(s, shift, mu, time_shift)
+        if shift_terminal:
+            one_minus = 1 - s
+            s = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
+    else:
+        raise ValueError(f"spacing must be 'pipeline', 'scheduler' or 'dpmsolver', got {spacing!r}")
+    sigmas = torch.cat([torch.from_numpy(np.asarray(s)).to(torch.float32), torch.zeros(1)])
+    return sigmas.to(dtype=dtype, device=device)

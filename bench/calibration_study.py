@@ -64,11 +64,15 @@ from adaptive_sampling import (  # noqa: E402
     get_sigmas_karras,
     sample_dpmpp_2m,
 )
-from adaptive_sampling.baselines import fewer_steps, greedy_path, uniform_mask  # noqa: E402
+from adaptive_sampling.calibration import greedy_path  # noqa: E402
+from adaptive_sampling.evaluation.baselines import fewer_steps, uniform_mask  # noqa: E402
 from adaptive_sampling.calibration import calibration_path  # noqa: E402
-from adaptive_sampling.evaluate import SAMPLERS  # noqa: E402
-from adaptive_sampling.metrics import psnr  # noqa: E402
+from adaptive_sampling.evaluation.suite import SAMPLERS as SAMPLER_NAMES  # noqa: E402
+from adaptive_sampling.samplers import get_sampler  # noqa: E402
+from adaptive_sampling.evaluation.metrics import psnr  # noqa: E402
 from adaptive_sampling.progress import Bar  # noqa: E402
+
+SAMPLERS = {name: get_sampler(name).sample for name in SAMPLER_NAMES}  # the library's three VE samplers
 
 STEPS = 50
 KS = (20, 25, 30, 35)
@@ -121,14 +125,14 @@ class Workload:
 def workloads(names, quick: bool) -> dict[str, Workload]:
     out = {}
     if "digits" in names:
-        from adaptive_sampling.workloads.learned import RECOMMENDED_SIGMA_MAX, RECOMMENDED_SIGMA_MIN, cfg_denoiser, load_pretrained
+        from adaptive_sampling.evaluation.workloads.learned import RECOMMENDED_SIGMA_MAX, RECOMMENDED_SIGMA_MIN, cfg_denoiser, load_pretrained
 
         net = load_pretrained()
         karras = partial(get_sigmas_karras, sigma_min=RECOMMENDED_SIGMA_MIN, sigma_max=RECOMMENDED_SIGMA_MAX)
         out["digits"] = Workload("digits", lambda g: cfg_denoiser(net, g), (1, 8, 8), {"karras": karras}, "karras",
                                  10 if not quick else 5, False, tuple(VARIANTS), 10, TEST["seeds"], 10 if not quick else 5, KS)  # fmt: skip
     if "shapes" in names:
-        from adaptive_sampling.workloads import shapes
+        from adaptive_sampling.evaluation.workloads import shapes
 
         unet = shapes.load_pretrained()[0]
         grids = {"leading": partial(shapes.sigmas, spacing="leading"), "trailing": partial(shapes.sigmas, spacing="trailing"),
@@ -401,7 +405,7 @@ def cross_model(wls: dict[str, Workload], metas: dict[str, dict]) -> list:
 def default_check(wls: dict[str, Workload]) -> list:
     """``default_policy()`` exactly as shipped (one tolerance for both models) on each test split."""
     from adaptive_sampling import default_policy
-    from adaptive_sampling.recommended import DEFAULT_TOL
+    from adaptive_sampling.policies.default import DEFAULT_TOL
 
     rows = []
     for wl, sampler in itertools.product(wls.values(), SAMPLER_ORDER):
@@ -412,7 +416,7 @@ def default_check(wls: dict[str, Workload]) -> list:
 
 SAMPLER_ORDER = ("ddim", "euler", "dpmpp_2m")
 _ORACLE: dict = {}  # (workload, sampler searched) -> the per-image greedy path on the greedy seeds of the test split
-SHIPPED = ROOT / "adaptive_sampling" / "workloads" / "data" / "calibrated_{}.json"
+SHIPPED = ROOT / "adaptive_sampling" / "evaluation" / "workloads" / "data" / "calibrated_{}.json"
 
 
 def main(argv=None) -> int:
@@ -440,7 +444,7 @@ def main(argv=None) -> int:
         rows, meta = run_workload(wl, args, commit)
         Path(f"{stem}_{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         Path(f"{stem}_{name}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if not args.quick:  # the schedules the demo and users load: adaptive_sampling.workloads.calibrated
+        if not args.quick:  # the schedules the demo and users load: adaptive_sampling.evaluation.workloads.calibrated
             SHIPPED.parent.mkdir(parents=True, exist_ok=True)
             shipped = {"schedules": meta["schedules"], "grid": meta["grid"]}
             Path(str(SHIPPED).format(name)).write_text(json.dumps(shipped, indent=1) + "\n")

@@ -1,4 +1,4 @@
-"""What diffusers' built-in caches and cache-dit do, next to ``adaptive_sampling.diffusers.apply``,
+"""What diffusers' built-in caches and cache-dit do, next to ``adaptive_sampling.integrations.diffusers.apply``,
 on a tiny UNet pipeline (Stable Diffusion) and a tiny transformer pipeline (PixArt-alpha).
 
 Measured, not read off documentation: for every method, on each pipeline,
@@ -45,7 +45,7 @@ warnings.simplefilter("ignore")
 
 from tests.tiny_pipelines import pixart_pipeline, sd_pipeline  # noqa: E402
 
-import adaptive_sampling.diffusers as asd  # noqa: E402
+import adaptive_sampling.integrations.diffusers as asd  # noqa: E402
 from adaptive_sampling import ThirdOrder  # noqa: E402
 
 N = 10

@@ -19,7 +19,7 @@ warnings.simplefilter("ignore")
 
 from tests import test_diffusers as T  # noqa: E402  (its helpers: use, run, library_run, Counter, ...)
 
-import adaptive_sampling.diffusers as asd  # noqa: E402
+import adaptive_sampling.integrations.diffusers as asd  # noqa: E402
 from adaptive_sampling import Extrapolate, FixedMask  # noqa: E402
 
 SEEDS = (1, 2, 3)
@@ -109,7 +109,7 @@ def main() -> None:
 
     from k_diffusion import sampling as K
 
-    from adaptive_sampling.k_diffusion import adaptive
+    from adaptive_sampling.integrations.k_diffusion import adaptive
     from diffusers import HeunDiscreteScheduler, KDPM2DiscreteScheduler
 
     for cls, fn in ((HeunDiscreteScheduler, K.sample_heun), (KDPM2DiscreteScheduler, K.sample_dpm_2)):

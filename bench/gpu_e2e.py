@@ -21,8 +21,8 @@ Phases (in this order; each writes its rows to ``rows.jsonl`` as they finish and
    zero-cost model on a smooth synthetic trajectory at the SD latent size): ThirdOrder() and the
    floor (FixedMask, NaN check only), us per step, next to one UNet call (ms).
 4. ``e2e``: DDIM, Euler, DPM-Solver++(2M), 50 steps, batch 1 and 8, through the library samplers
-   (``adaptive_sampling.diffusers.denoiser``) and through the diffusers hook
-   (``adaptive_sampling.diffusers.apply``) on a real ``StableDiffusionPipeline`` (the SD UNet, a tiny
+   (``adaptive_sampling.integrations.diffusers.denoiser``) and through the diffusers hook
+   (``adaptive_sampling.integrations.diffusers.apply``) on a real ``StableDiffusionPipeline`` (the SD UNet, a tiny
    random VAE and text encoder that are never run: ``prompt_embeds`` in, ``output_type="latent"``
    out). Methods: no skipping; ``FixedMask`` with 25 of 50 calls (every other step); the default
    policy ``ThirdOrder()`` (the library's recommended default may change: this measures
@@ -95,7 +95,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adaptive_sampling import FixedMask, ThirdOrder, sample_ddim, sample_dpmpp_2m, sample_euler  # noqa: E402
-from adaptive_sampling.bucketing import bucket_size, bucket_sizes, bucketed  # noqa: E402
+from adaptive_sampling.integrations.bucketing import bucket_size, bucket_sizes, bucketed  # noqa: E402
 from adaptive_sampling.runner import SkipRun  # noqa: E402
 
 # Stable Diffusion 1.5's unet/config.json (runwayml/stable-diffusion-v1-5), the values that differ
@@ -369,7 +369,7 @@ def methods(mode: Mode, path: str) -> dict[str, Any]:
 
 def library_run(unet, name: str, inp: Inputs, policy, steps: int, wrap=None):
     """denoiser() + the library sampler; returns (final VE latent, report, the wrapped model)."""
-    import adaptive_sampling.diffusers as asd
+    import adaptive_sampling.integrations.diffusers as asd
 
     sched = make_scheduler(name)
     sched.set_timesteps(steps)
@@ -385,7 +385,7 @@ def library_run(unet, name: str, inp: Inputs, policy, steps: int, wrap=None):
 
 def hook_run(pipe, name: str, inp: Inputs, policy, steps: int, pad_to=None):
     """The pipeline's own loop, hooked with ``policy`` (None: the plain pipeline)."""
-    import adaptive_sampling.diffusers as asd
+    import adaptive_sampling.integrations.diffusers as asd
 
     pipe.scheduler = make_scheduler(name)
     size = inp.noise.shape[-1]  # the VAE has one block: image size = latent size
@@ -505,7 +505,7 @@ def phase_decision(rec: Recorder, mode: Mode, unet_ms: dict[int, float]) -> None
     h = mode.latent
     sched = make_scheduler("ddim")
     sched.set_timesteps(steps)
-    import adaptive_sampling.diffusers as asd
+    import adaptive_sampling.integrations.diffusers as asd
 
     sigmas = asd.scheduler_sigmas(sched)
     model = lambda x, sigma, **kw: x  # noqa: E731  (denoised = x: no model cost)

@@ -3,7 +3,7 @@
     python bench/k_diffusion_nfe.py [--steps 50] [--batch 10] [--out bench/results/k_diffusion_nfe.md]
 
 Workload: the shipped digits denoiser with guidance 2 (one sample per class), a Karras grid from
-sigma 20 to 0.002. For each sampler in ``adaptive_sampling.k_diffusion.SUPPORTED_SAMPLERS``
+sigma 20 to 0.002. For each sampler in ``adaptive_sampling.integrations.k_diffusion.SUPPORTED_SAMPLERS``
 (and Euler with churn), the wrapped sampler runs with ``ThirdOrder()`` and the unwrapped one from
 the same seed; the table gives NFE per sample (mean, min, max), the unwrapped NFE, and the PSNR of
 the wrapped output against the unwrapped one (data range 2). Stochastic samplers use the same seed
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from adaptive_sampling import ThirdOrder, get_sigmas_karras
-from adaptive_sampling.k_diffusion import SUPPORTED_SAMPLERS, TWO_CALL, adaptive
-from adaptive_sampling.metrics import psnr
-from adaptive_sampling.workloads.learned import RECOMMENDED_SIGMA_MAX, RECOMMENDED_SIGMA_MIN, cfg_denoiser, load_pretrained
+from adaptive_sampling.integrations.k_diffusion import SUPPORTED_SAMPLERS, TWO_CALL, adaptive
+from adaptive_sampling.evaluation.metrics import psnr
+from adaptive_sampling.evaluation.workloads.learned import RECOMMENDED_SIGMA_MAX, RECOMMENDED_SIGMA_MIN, cfg_denoiser, load_pretrained
 
 STOCHASTIC = {"sample_euler_ancestral", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
               "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_euler (s_churn=1)"}  # fmt: skip

@@ -44,10 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_sweep import workloads  # noqa: E402
 
 from adaptive_sampling import Budget, Extrapolate, FixedMask, LocalError, ThirdOrder, sample_dpmpp_2m  # noqa: E402
-from adaptive_sampling.baselines import fewer_steps, greedy_masks, uniform_mask  # noqa: E402
-from adaptive_sampling.evaluate import SAMPLERS  # noqa: E402
-from adaptive_sampling.metrics import psnr  # noqa: E402
+from adaptive_sampling.calibration import greedy_masks  # noqa: E402
+from adaptive_sampling.evaluation.baselines import fewer_steps, uniform_mask  # noqa: E402
+from adaptive_sampling.evaluation.suite import SAMPLERS as SAMPLER_NAMES  # noqa: E402
+from adaptive_sampling.samplers import get_sampler  # noqa: E402
+from adaptive_sampling.evaluation.metrics import psnr  # noqa: E402
 from adaptive_sampling.progress import Bar  # noqa: E402
+
+SAMPLERS = {name: get_sampler(name).sample for name in SAMPLER_NAMES}  # the library's three VE samplers
 
 STEPS = 50
 KS = (20, 25, 30, 35, 40)

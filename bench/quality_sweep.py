@@ -19,7 +19,7 @@ x {per-sample, batch} x spaces (VP, VE), on three offline workloads:
 For every configuration the adaptive run gives K calls per sample, and uniform-stride reuse and
 a K-step grid ("fewer steps") run at exactly that K. PSNR is against the full-step output from
 the same noise (data range 2, capped at 100 dB). At each workload's default configuration the
-greedy oracle and the chi-square association also run (``adaptive_sampling.evaluate``).
+greedy oracle and the chi-square association also run (``adaptive_sampling.evaluation.evaluate``).
 """
 
 from __future__ import annotations
@@ -36,10 +36,14 @@ import numpy as np
 import torch
 
 from adaptive_sampling import FixedMask, ThirdOrder, get_sigmas_karras
-from adaptive_sampling.baselines import fewer_steps, uniform_mask
-from adaptive_sampling.evaluate import SAMPLERS, evaluate
-from adaptive_sampling.metrics import psnr
+from adaptive_sampling.evaluation.baselines import fewer_steps, uniform_mask
+from adaptive_sampling.evaluation.suite import SAMPLERS as SAMPLER_NAMES
+from adaptive_sampling.evaluation.suite import evaluate
+from adaptive_sampling.samplers import get_sampler
+from adaptive_sampling.evaluation.metrics import psnr
 from adaptive_sampling.progress import Bar
+
+SAMPLERS = {name: get_sampler(name).sample for name in SAMPLER_NAMES}  # the library's three VE samplers
 
 DELTAS = {"reference": [0.005, 0.01, 0.02, 0.05, 0.1], "paper": [0.05, 0.1, 0.2, 0.4, 0.8]}
 MAX_SKIPS = [2, 4, 6]
@@ -47,9 +51,9 @@ MAX_SKIPS = [2, 4, 6]
 
 def workloads(batch: int, seed: int, names=("learned", "digits-exact", "gaussian"), shapes_batch: int = 10):
     """name -> (model, noise [B, ...], extra_args, schedule) for the workloads in ``names``."""
-    from adaptive_sampling.workloads.digits import DigitsOptimalDenoiser
-    from adaptive_sampling.workloads.gaussian import GaussianWorkload
-    from adaptive_sampling.workloads.learned import (
+    from adaptive_sampling.evaluation.workloads.digits import DigitsOptimalDenoiser
+    from adaptive_sampling.evaluation.workloads.gaussian import GaussianWorkload
+    from adaptive_sampling.evaluation.workloads.learned import (
         RECOMMENDED_SIGMA_MAX,
         RECOMMENDED_SIGMA_MIN,
         cfg_denoiser,
@@ -68,7 +72,7 @@ def workloads(batch: int, seed: int, names=("learned", "digits-exact", "gaussian
         "gaussian": (gauss.denoiser, noise, {"y": labels}, partial(get_sigmas_karras, sigma_min=0.002, sigma_max=20.0)),
     }
     if any(n in SHAPES for n in names):
-        from adaptive_sampling.workloads import shapes
+        from adaptive_sampling.evaluation.workloads import shapes
 
         model = shapes.denoiser(3.0)
         rgb = torch.randn(shapes_batch, *shapes.IMAGE_SHAPE, generator=torch.Generator().manual_seed(seed))
@@ -144,7 +148,7 @@ def report(rows, defaults, args, seconds) -> str:
         lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {len(skipping)} of {len(g)} | {min(nfe):.1f}-{max(nfe):.1f} | "
                      f"{beat_u} | {beat_f} | {gap:+.2f} |")  # fmt: skip
     lines += ["", "Configurations that never skipped (NFE = steps) are left out of the counts.", ""]
-    lines += ["## Default policy with the greedy oracle (`adaptive_sampling.evaluate`)", ""]
+    lines += ["## Default policy with the greedy oracle (`adaptive_sampling.evaluation.evaluate`)", ""]
     for name, table in defaults.items():
         lines += [f"### {name}", "", table, ""]
     lines += ["## Every configuration", "",

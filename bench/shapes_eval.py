@@ -4,7 +4,7 @@
 
 For each grid (SD's DDPM-discrete grid with leading and with trailing spacing, and a Karras grid
 over the model's training sigmas) and each sampler (DDIM, DPM-Solver++ 2M, Euler), on the shipped
-shapes UNet with classifier-free guidance, it runs ``adaptive_sampling.evaluate.evaluate`` with the
+shapes UNet with classifier-free guidance, it runs ``adaptive_sampling.evaluation.evaluate`` with the
 reference rule at its defaults (``ThirdOrder()``: delta 0.01, C_max 4, per sample, the reference
 latent space) and the matched-NFE baselines uniform stride and fewer steps (a K-step grid of the
 same kind: with leading spacing that grid also starts lower, as in diffusers). PSNR is against
@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adaptive_sampling import ThirdOrder  # noqa: E402
-from adaptive_sampling.evaluate import evaluate  # noqa: E402
-from adaptive_sampling.workloads import shapes  # noqa: E402
+from adaptive_sampling.evaluation import evaluate  # noqa: E402
+from adaptive_sampling.evaluation.workloads import shapes  # noqa: E402
 
 SAMPLERS = ("ddim", "dpmpp_2m", "euler")
 METHODS = ("full", "adaptive", "uniform", "fewer_steps")

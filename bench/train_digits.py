@@ -1,4 +1,4 @@
-"""Train the learned digits denoiser shipped with ``adaptive_sampling.workloads.learned``.
+"""Train the learned digits denoiser shipped with ``adaptive_sampling.evaluation.workloads.learned``.
 
     python bench/train_digits.py                 # the shipped checkpoint (about 10 min on 2 idle CPU cores)
     python bench/train_digits.py --steps 2000 --out /tmp/d.pt --results /tmp/res   # a quick try
@@ -38,8 +38,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adaptive_sampling.workloads.digits import load_digits_data  # noqa: E402
-from adaptive_sampling.workloads.learned import (  # noqa: E402
+from adaptive_sampling.evaluation.workloads.digits import load_digits_data  # noqa: E402
+from adaptive_sampling.evaluation.workloads.learned import (  # noqa: E402
     CHECKPOINT,
     NULL_CLASS,
     NUM_AUGMENTS,

@@ -1,4 +1,4 @@
-"""Train the shapes workload shipped with ``adaptive_sampling.workloads.shapes``: the UNet and its classifier.
+"""Train the shapes workload shipped with ``adaptive_sampling.evaluation.workloads.shapes``: the UNet and its classifier.
 
     python bench/train_shapes.py                       # the shipped checkpoints (see shapes_training.md)
     python bench/train_shapes.py --steps 300 --classifier-steps 100 --out /tmp/u.safetensors \\
@@ -47,7 +47,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adaptive_sampling.workloads import shapes  # noqa: E402
+from adaptive_sampling.evaluation.workloads import shapes  # noqa: E402
 from train_digits import lr_factor, machine  # noqa: E402  (bench/ is on the path when run as a script)
 
 EVAL_TIMESTEPS = (10, 100, 250, 500, 750, 900, 990)

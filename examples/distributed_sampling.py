@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from adaptive_sampling import LocalError, ThirdOrder, get_sigmas_karras, sample_dpmpp_2m
-from adaptive_sampling import distributed as asd
-from adaptive_sampling.workloads.learned import cfg_denoiser, load_pretrained
+from adaptive_sampling.integrations import distributed as asd
+from adaptive_sampling.evaluation.workloads.learned import cfg_denoiser, load_pretrained
 
 BATCH, STEPS = 8, 50
 SHARD_DIM = -2  # rows of pixels

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from adaptive_sampling import Budget, FixedMask, LocalError, ThirdOrder, get_sigmas_karras, sample_dpmpp_2m, sample_euler
-from adaptive_sampling.workloads.gaussian import GaussianWorkload
+from adaptive_sampling.evaluation.workloads.gaussian import GaussianWorkload
+
+from ._third_party import RelativeChange
 
 SIGMAS = get_sigmas_karras(16, 0.03, 14.6)
 BATCH = 5  # splits unevenly over 2 (3 + 2) and 3 (2 + 2 + 1) processes
@@ -40,7 +42,7 @@ def workload(dtype: torch.dtype):
 
 
 def _kdiff_dpmpp_2m(model, x, sigmas, extra_args, skip):
-    from adaptive_sampling.k_diffusion import adaptive
+    from adaptive_sampling.integrations.k_diffusion import adaptive
     import warnings
 
     with warnings.catch_warnings():
@@ -93,6 +95,9 @@ def cases(world: int) -> list[Case]:
         Case("shard-budget-localerror", "shard", "euler", lambda: Budget(nfe=9, rule=LocalError()), f32),
         Case("shard-budget-thirdorder", "shard", "dpmpp_2m", lambda: Budget(nfe=9, rule=ThirdOrder(backend="torch")), f32),
         Case("shard-fixed", "shard", "euler", lambda: FixedMask(FIXED)),
+        # a rule written outside the package (tests/_third_party.py), on its own and inside Budget
+        Case("shard-thirdparty", "shard", "euler", lambda: RelativeChange(tol=0.2)),
+        Case("shard-budget-thirdparty", "shard", "dpmpp_2m", lambda: Budget(nfe=9, rule=RelativeChange())),
         Case("shard-permuted-f32", "shard", "euler", lambda: ThirdOrder(**ref, backend="torch"), f32, True),
         # data parallel
         Case("dp-ref", "dp", "dpmpp_2m", lambda: ThirdOrder(**ref, backend="torch")),  # rows differ (VP space)
@@ -153,7 +158,7 @@ def run_single(case: Case):
 
 def _record_sums(store: list):
     """Wrap Collective.sample_sums so every completed [q, B] sum is recorded (for the order test)."""
-    from adaptive_sampling import distributed as asd
+    from adaptive_sampling.integrations import distributed as asd
 
     original = asd.Collective.sample_sums
 
@@ -167,7 +172,7 @@ def _record_sums(store: list):
 
 
 def run_case(case: Case, rank: int, world: int) -> dict:
-    from adaptive_sampling import distributed as asd
+    from adaptive_sampling.integrations import distributed as asd
 
     model, x, extra = workload(case.dtype)
     sigmas = case.sigmas
@@ -205,7 +210,7 @@ def fail_case(rank: int, world: int, how: str, out_dir: str) -> dict:
     DistributedSkipError within a bounded time."""
     import torch.distributed as dist
 
-    from adaptive_sampling import distributed as asd
+    from adaptive_sampling.integrations import distributed as asd
 
     group = dist.new_group(list(range(world)), timeout=timedelta(seconds=FAIL_TIMEOUT_S))
     dist.barrier(group)

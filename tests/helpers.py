@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adaptive_sampling.workloads.gaussian import GaussianWorkload
+from adaptive_sampling.evaluation.workloads.gaussian import GaussianWorkload
 
 
 def gaussian(shape=(2, 6, 6), num_classes=3, seed=0, dtype=torch.float64) -> GaussianWorkload:

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from adaptive_sampling import FixedMask, ThirdOrder, get_sigmas_karras, sample_ddim, sample_dpmpp_2m, sample_euler
-from adaptive_sampling.bucketing import bucket_size, bucket_sizes, bucketed, pad_index
+from adaptive_sampling.integrations.bucketing import bucket_size, bucket_sizes, bucketed, pad_index
 
 from .helpers import MLPDenoiser
 
@@ -150,7 +150,7 @@ def test_thirdorder_decisions_unchanged(problem):
 
 
 def test_k_diffusion_wrapper(kdiff, problem):
-    from adaptive_sampling.k_diffusion import adaptive
+    from adaptive_sampling.integrations.k_diffusion import adaptive
 
     model, x, sigmas, extra = problem
     fn = adaptive(kdiff.sample_euler, FixedMask(staircase()))
@@ -197,7 +197,7 @@ def test_recompiles_bounded_by_buckets(problem, dynamic, without, with_buckets):
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-import adaptive_sampling.diffusers as asd  # noqa: E402
+import adaptive_sampling.integrations.diffusers as asd  # noqa: E402
 
 from .tiny_pipelines import SD_SCHEDULER, sd_pipeline  # noqa: E402
 

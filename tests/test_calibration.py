@@ -22,10 +22,10 @@ from adaptive_sampling import (
     sample_dpmpp_2m,
     sample_euler,
 )
-from adaptive_sampling.baselines import uniform_mask
+from adaptive_sampling.evaluation.baselines import uniform_mask
 from adaptive_sampling.calibration import calibration_path
 from adaptive_sampling.policies.calibrated import map_schedule
-from adaptive_sampling.workloads.digits import DigitsOptimalDenoiser
+from adaptive_sampling.evaluation.workloads.digits import DigitsOptimalDenoiser
 
 from .helpers import CountingModel, MLPDenoiser, gaussian
 
@@ -228,8 +228,8 @@ def test_refinement_with_zero_tolerance_is_the_schedule():
     "kwargs, match",
     [
         ({"sampler": "heun"}, "sampler must be one of"),
-        ({"nfe": 2}, "min_calls must be an int in"),
-        ({"nfe": 99}, "min_calls must be an int in"),
+        ({"nfe": 2}, "nfe must be an int in"),
+        ({"nfe": 99}, "nfe must be an int in"),
         ({"aggregate": "median"}, "aggregate must be one of"),
         ({"merge_skipped": True, "sampler": "euler"}, "merge_skipped"),
         ({"as_grid": True, "reuse": Extrapolate(1)}, "as_grid=True"),

@@ -1,6 +1,6 @@
 """The main demo runs end to end on a reduced setting and writes its files."""
 
-from adaptive_sampling import demo
+from adaptive_sampling.evaluation import demo
 
 
 def test_demo_runs_and_writes_its_files(tmp_path, capsys):

@@ -29,7 +29,7 @@ with warnings.catch_warnings():
         DDIMScheduler,
         DPMSolverMultistepScheduler,
         EulerDiscreteScheduler,
-        FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
         HeunDiscreteScheduler,
         KDPM2DiscreteScheduler,
         LMSDiscreteScheduler,
@@ -37,7 +37,7 @@ with warnings.catch_warnings():
         UniPCMultistepScheduler,
     )
 
-import adaptive_sampling.diffusers as asd
+import adaptive_sampling.integrations.diffusers as asd
 from adaptive_sampling import Extrapolate, FixedMask, ThirdOrder, sample_ddim, sample_dpmpp_2m, sample_euler
 
 from .tiny_pipelines import SD_SCHEDULER, pixart_pipeline, sd_pipeline, sdxl_pipeline
@@ -359,7 +359,7 @@ def test_other_schedulers_through_the_hook(pipe, cls, extra):
 
 @pytest.mark.parametrize("cls, name", [(HeunDiscreteScheduler, "sample_heun"), (KDPM2DiscreteScheduler, "sample_dpm_2")])
 def test_two_call_schedulers_skip_only_first_calls_like_the_k_diffusion_wrapper(pipe, kdiff, cls, name):
-    from adaptive_sampling.k_diffusion import adaptive
+    from adaptive_sampling.integrations.k_diffusion import adaptive
 
     pipe.scheduler = cls(**SD_SCHEDULER)
     steps, mask = 6, [1, 1, 1, 1, 0, 1]
@@ -540,7 +540,7 @@ def test_bad_arguments_are_named(pipe):
         with pytest.raises(ValueError, match="cfg=True"):
             run(pipe, PROMPTS[:2], noise(2), 1.0)
     old = pipe.scheduler
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler()  # a flow scheduler the hook does not support
     with pytest.raises(ValueError, match="flow-matching"):
         asd.apply(pipe)
     pipe.scheduler = PNDMScheduler(**SD_SCHEDULER)

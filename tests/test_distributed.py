@@ -1,4 +1,4 @@
-"""Skipping under torch.distributed: data parallel and sharded latents (``adaptive_sampling.distributed``).
+"""Skipping under torch.distributed: data parallel and sharded latents (``adaptive_sampling.integrations.distributed``).
 
 Two runs of spawned processes (gloo on the CPU), 2 and 3 processes, each executing every scenario
 of ``tests/_dist_workers.py`` once (module-scoped fixtures); the tests below compare what each
@@ -31,8 +31,8 @@ import numpy as np
 import pytest
 import torch
 
-from adaptive_sampling import FixedMask, LocalError, ThirdOrder, sample_dpmpp_2m, sample_euler
-from adaptive_sampling import distributed as asd
+from adaptive_sampling import Controller, FixedMask, LocalError, SkipPolicy, ThirdOrder, sample_dpmpp_2m, sample_euler
+from adaptive_sampling.integrations import distributed as asd
 from adaptive_sampling.kernels import skip_stats as ks
 
 from . import _dist_workers as W
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:Runti
 # The processes are forked from a fork server that has imported torch, the library, Triton and
 # k-diffusion once (a clean, single-threaded process: no torch thread pool to inherit), instead of
 # each of the five processes importing them again on two shared cores.
-PRELOAD = ["tests._dist_workers", "adaptive_sampling.distributed", "adaptive_sampling.kernels.skip_stats", "k_diffusion"]
+PRELOAD = ["tests._dist_workers", "adaptive_sampling.integrations.distributed", "adaptive_sampling.kernels.skip_stats", "k_diffusion"]
 
 
 def spawn(world: int, fail: str, tmp_path) -> list[dict]:
@@ -142,7 +142,7 @@ def test_data_parallel_equals_one_process(request, world, case, single):
         assert torch.equal(got["out"], out), f"rank {r}: gathered outputs differ from the single-process run"
         lo, hi = got["local_rows"]
         np.testing.assert_array_equal(got["local_nfe"], rep.nfe[lo:hi])
-        if asd._per_sample(case.policy()):
+        if case.policy().per_sample:
             # per sample: nothing is communicated; every row's signals are the single-process bits
             assert _same_bits(got["scores"], rep.scores), f"rank {r}: scores differ"
             assert _same_bits(got["stats"], rep.stats), f"rank {r}: stats differ"
@@ -340,26 +340,34 @@ def test_skip_decide_checks_its_inputs():
         ks.skip_decide(torch.zeros(4, 2), state, 1, rule, 5, 3)
 
 
-class EveryOther:
+class EveryOther(SkipPolicy):
     """A third-party policy (not known to be sum-based)."""
 
-    def start(self, x, num_steps, sampler, sigmas=None):  # pragma: no cover - never started here
+    def start(self, x, num_steps, sampler, sigmas=None):
+        return _NoCollective(x, num_steps)
+
+
+class _NoCollective(Controller):
+    def decide(self, step, x, sigma):  # pragma: no cover - never decides here
         raise AssertionError
 
 
 def test_policies_that_cannot_be_sharded_are_refused():
     with pytest.raises(ValueError, match="cannot be sharded"):
         asd.shard(EveryOther())
-    with pytest.raises(ValueError, match="knows the built-in policies only"):
-        asd.data_parallel(EveryOther())
+    assert asd.data_parallel(EveryOther()) is not None  # per sample by default: returned as is
+    assert asd.data_parallel(EveryOther()).__class__ is EveryOther
     with pytest.raises(TypeError, match="needs a skip policy"):
         asd.shard(object())
     with pytest.raises(NotImplementedError, match="2-D"):
         asd.shard(asd.data_parallel(ThirdOrder(per_sample=False)))
     # opting in without the controller hook fails at start, before any collective
-    opted = dataclasses.make_dataclass("Opted", [], namespace={"shardable": True, "start": lambda self, *a, **k: object()})()
+    opted = dataclasses.make_dataclass("Opted", [], bases=(EveryOther,), namespace={"shardable": True})()
     with pytest.raises(ValueError, match="has no use_collective"):
         asd.shard(opted).start(torch.zeros(1, 2), 4, "euler")
+    batch_wide = dataclasses.make_dataclass("BatchWide", [], bases=(EveryOther,), namespace={"per_sample": False})()
+    with pytest.raises(ValueError, match="has no use_collective"):
+        asd.data_parallel(batch_wide).start(torch.zeros(1, 2), 4, "euler")
     for policy in (ThirdOrder(), LocalError(), FixedMask(np.ones(4, bool))):
         assert asd.data_parallel(policy) is policy  # per sample: nothing to communicate
         assert isinstance(asd.shard(policy), asd.Sharded)
@@ -381,7 +389,7 @@ def test_import_stays_light():
     import sys
 
     code = (
-        "import sys, adaptive_sampling.distributed;"
+        "import sys, adaptive_sampling.integrations.distributed;"
         "print(','.join(m for m in ('k_diffusion', 'triton', 'scipy', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

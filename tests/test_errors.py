@@ -152,3 +152,77 @@ def test_a_failed_call_leaves_nothing_behind(sampler):
 def test_eta_must_be_non_negative():
     with pytest.raises(ValueError, match="eta must be a number >= 0"):
         sample_ddim(G.denoiser, X, SIGMAS, disable=True, eta=-1.0)
+
+
+# --- traps a new user fell into (the architecture issue's list) -------------------------------------
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_policy_class_instead_of_an_instance_says_so(sampler):
+    with pytest.raises(TypeError, match=r"skip=ThirdOrder is the policy class; pass an instance, e.g. skip=ThirdOrder\(\)"):
+        sampler(G.denoiser, X, SIGMAS, disable=True, skip=ThirdOrder)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_extra_args_with_another_batch_size_are_refused(sampler):
+    y = torch.tensor([0, 1, 2])  # 3 labels for a batch of 2
+    with pytest.raises(ValueError, match=r"extra_args\['y'\] has 3 rows .* x has batch size 2"):
+        sampler(G.denoiser, X, SIGMAS, {"y": y}, disable=True)
+    with pytest.raises(ValueError, match=r"extra_args\['c'\]\[1\] has 5 rows"):
+        sampler(G.denoiser, X, SIGMAS, {"c": [torch.zeros(2, 3), torch.zeros(5, 3)]}, disable=True)
+    # batch-leading, broadcastable (1) and 0-dim tensors and plain values are fine
+    sampler(lambda x, s, **kw: G.denoiser(x, s), X, SIGMAS, {"a": torch.zeros(2), "b": torch.zeros(1, 4), "c": torch.tensor(3.0), "d": 2.0},
+            disable=True)  # fmt: skip
+
+
+def test_a_broken_schedule_file_names_its_path(tmp_path):
+    from adaptive_sampling import Calibrated
+
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"broken.json' is not a calibrated schedule file \(not valid JSON"):
+        Calibrated.load(bad)
+    other = tmp_path / "other.json"
+    other.write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match=r"other.json' is not a valid calibrated schedule: not a adaptive_sampling.Calibrated"):
+        Calibrated.load(other)
+    with pytest.raises(ValueError, match=r"cannot read a calibrated schedule from '.*missing.json'"):
+        Calibrated.load(tmp_path / "missing.json")
+
+
+def test_a_schedule_is_refused_under_another_sampler():
+    from adaptive_sampling import Calibrated
+
+    schedule = Calibrated(SIGMAS, np.arange(12) % 2 == 0, "euler")
+    with pytest.raises(ValueError, match=r"calibrated for sampler 'euler', not 'dpmpp_2m'.*BySampler.*for_sampler"):
+        sample_dpmpp_2m(G.denoiser, X, SIGMAS, disable=True, skip=schedule)
+    _, rep = sample_dpmpp_2m(G.denoiser, X, SIGMAS, disable=True, skip=schedule.for_sampler("dpmpp_2m"))
+    assert rep.nfe.tolist() == [6, 6]
+
+
+def test_calibrate_names_nfe_not_an_internal_argument():
+    from adaptive_sampling import calibrate
+
+    with pytest.raises(ValueError, match=r"nfe must be an int in \[4, 12\]"):
+        calibrate(G.denoiser, "euler", SIGMAS, X, nfe=50, disable=True)
+
+
+def test_float64_sigmas_meet_a_float32_latent_in_its_dtype(kdiff):
+    """get_sigmas_karras gives float64 (the library's samplers do their step arithmetic with it and
+    never promote the latent); the k-diffusion wrapper casts the sigmas to the latent's dtype, since
+    k-diffusion's samplers would promote a float32 latent to float64 and a float32 network fails."""
+    from adaptive_sampling.integrations.k_diffusion import adaptive
+
+    net = torch.nn.Linear(72, 72)
+
+    def model(x, sigma):
+        return net(x.reshape(x.shape[0], -1)).reshape(x.shape)  # float32 weights: fails on float64 input
+
+    x = X.float()
+    assert SIGMAS.dtype == torch.float64
+    for fn in (kdiff.sample_euler, kdiff.sample_heun, kdiff.sample_dpmpp_2m):
+        out = adaptive(fn)(model, x, SIGMAS, disable=True)
+        assert out.dtype == torch.float32
+    for sampler in SAMPLERS:
+        out, _ = sampler(model, x, SIGMAS, disable=True)
+        assert out.dtype == torch.float32

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from adaptive_sampling import Budget, FixedMask, ThirdOrder, get_sigmas_karras, sample_dpmpp_2m, sample_euler
-from adaptive_sampling.baselines import greedy_masks, random_mask, uniform_mask
-from adaptive_sampling.evaluate import evaluate
-from adaptive_sampling.metrics import max_abs_error, psnr, ssim
+from adaptive_sampling.calibration import greedy_masks
+from adaptive_sampling.evaluation.baselines import random_mask, uniform_mask
+from adaptive_sampling.evaluation import evaluate
+from adaptive_sampling.evaluation.metrics import max_abs_error, psnr, ssim
 
 from .helpers import MLPDenoiser
 

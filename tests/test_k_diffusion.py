@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adaptive_sampling import FixedMask, ThirdOrder, get_sigmas_karras, sample_dpmpp_2m, sample_euler
-from adaptive_sampling.k_diffusion import SUPPORTED_SAMPLERS, TWO_CALL, adaptive
+from adaptive_sampling.integrations.k_diffusion import SUPPORTED_SAMPLERS, TWO_CALL, adaptive
 
 from .helpers import CountingModel, MLPDenoiser, gaussian
 

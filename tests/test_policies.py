@@ -17,7 +17,7 @@ from adaptive_sampling import (
     sample_dpmpp_2m,
     sample_euler,
 )
-from adaptive_sampling.policies import Controller, make_reuse
+from adaptive_sampling.policies import Controller, SkipPolicy, make_reuse
 from adaptive_sampling.policies.reuse import ExtrapolateState
 
 from .helpers import CountingModel, LinearEps, MLPDenoiser, gaussian
@@ -28,7 +28,7 @@ SAMPLERS = {"ddim": sample_ddim, "euler": sample_euler, "dpmpp_2m": sample_dpmpp
 # --- the docstring's example policy (adaptive_sampling/policies/base.py), verbatim -------------
 
 
-class EveryOther:
+class EveryOther(SkipPolicy):
     """Skip every second call after a warm-up of 4 calls."""
 
     def __init__(self, reuse="copy"):
@@ -60,7 +60,7 @@ def test_example_policy_through_sample_euler():
 
 
 def test_example_policy_through_the_k_diffusion_wrapper(kdiff):
-    from adaptive_sampling.k_diffusion import adaptive
+    from adaptive_sampling.integrations.k_diffusion import adaptive
 
     model = MLPDenoiser(dim=72, seed=1)
     sigmas = get_sigmas_karras(12, 0.03, 14.6)
@@ -93,7 +93,7 @@ class _Broken(Controller):
     ],
 )
 def test_the_runner_checks_a_controllers_answer(answer, error):
-    class Policy:
+    class Policy(SkipPolicy):
         def start(self, x, n, sampler, sigmas=None):
             return _Broken(x, n, answer)
 

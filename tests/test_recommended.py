@@ -16,10 +16,11 @@ from adaptive_sampling import (
     sample_dpmpp_2m,
     sample_euler,
 )
-from adaptive_sampling.k_diffusion import adaptive
+from adaptive_sampling.integrations.k_diffusion import adaptive
 from adaptive_sampling.policies import BySampler
-from adaptive_sampling.recommended import DEFAULT_TOL
-from adaptive_sampling.workloads import calibrated
+from adaptive_sampling.policies import Paced
+from adaptive_sampling.policies.default import DEFAULT_SPEEDUP, DEFAULT_TOL
+from adaptive_sampling.evaluation.workloads import calibrated
 
 from .helpers import CountingModel, MLPDenoiser, gaussian
 
@@ -64,8 +65,10 @@ def test_default_policy_runs_through_the_k_diffusion_wrapper(kdiff, name):
 
 def test_default_policy_is_the_documented_rule():
     p = default_policy("sample_euler", steps=50)
-    assert isinstance(p, LocalError) and p.tol == DEFAULT_TOL and p.max_skips == 1
+    assert isinstance(p, Paced) and p.speedup == DEFAULT_SPEEDUP == 2.0 and p.nfe is None
     assert p == default_policy()
+    assert default_policy(nfe=20) == Paced(nfe=20, max_speedup=5.0)
+    assert default_policy(speedup=3) == Paced(speedup=3.0, max_speedup=5.0)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adaptive_sampling import FixedMask, ThirdOrder, get_sigmas_karras, sample_ddim, sample_dpmpp_2m, sample_euler
-from adaptive_sampling import steppers
+from adaptive_sampling.samplers import dpmpp_2m_step
 
 from .helpers import MLPDenoiser, gaussian
 
@@ -55,7 +55,7 @@ def test_dpmpp_history_receives_the_reused_estimate():
     out, _ = sample_dpmpp_2m(model, x, SIGMAS, callback=infos.append, disable=True, skip=FixedMask(MASK))
     y, state = x, None
     for k, info in enumerate(infos):
-        y, state = steppers.dpmpp_2m_step(y, SIGMAS[k], SIGMAS[k + 1], info["denoised"], state)
+        y, state = dpmpp_2m_step(y, SIGMAS[k], SIGMAS[k + 1], info["denoised"], state)
     assert torch.equal(y, out)
 
 

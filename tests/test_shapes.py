@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from adaptive_sampling import get_sigmas_ddpm, sample_ddim
-from adaptive_sampling.workloads import shapes
+from adaptive_sampling.evaluation.workloads import shapes
 
 pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
@@ -76,7 +76,7 @@ def test_shipped_classifier_reads_fresh_procedural_data(classifier):
 
 def test_checkpoints_are_package_data():
     for path in (shapes.CHECKPOINT, shapes.CLASSIFIER_CHECKPOINT):
-        ref = resources.files("adaptive_sampling") / "workloads" / "data" / path.name
+        ref = resources.files("adaptive_sampling") / "evaluation" / "workloads" / "data" / path.name
         assert ref.is_file() and path.samefile(str(ref))
         assert 0 < path.stat().st_size <= 10_000_000
 

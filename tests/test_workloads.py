@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from adaptive_sampling import get_sigmas_karras, sample_dpmpp_2m, sample_euler
-from adaptive_sampling.workloads.digits import NULL_CLASS, DigitsOptimalDenoiser, load_digits_data
-from adaptive_sampling.workloads.gaussian import GaussianWorkload
-from adaptive_sampling.workloads.learned import CHECKPOINT, DigitsDenoiser, cfg_denoiser, load_pretrained
+from adaptive_sampling.evaluation.workloads.digits import NULL_CLASS, DigitsOptimalDenoiser, load_digits_data
+from adaptive_sampling.evaluation.workloads.gaussian import GaussianWorkload
+from adaptive_sampling.evaluation.workloads.learned import CHECKPOINT, DigitsDenoiser, cfg_denoiser, load_pretrained
 
 # --- Gaussian data -------------------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ def model():
 
 
 def test_checkpoint_is_package_data():
-    ref = resources.files("adaptive_sampling") / "workloads" / "data" / "digits_denoiser.pt"
+    ref = resources.files("adaptive_sampling") / "evaluation" / "workloads" / "data" / "digits_denoiser.pt"
     assert ref.is_file()
     assert CHECKPOINT.samefile(str(ref))
     assert 0 < CHECKPOINT.stat().st_size <= 5_000_000

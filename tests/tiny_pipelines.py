@@ -214,3 +214,82 @@ def sdxl_pipeline(seed: int = 0, scheduler_cls=None, **scheduler_kwargs):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --- flow-matching transformers: SD3 (batched CFG), Flux (true CFG: two calls), Wan 2.1 / 2.2 (video) ---
+
+
+def _flow_scheduler(kind: str, **kwargs):
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if kind == "euler":
+        return FlowMatchEulerDiscreteScheduler(**{"shift": 3.0, **kwargs})
+    flow = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=kwargs.pop("shift", 3.0))
+    if kind == "dpmpp_2m":
+        return DPMSolverMultistepScheduler(**flow, algorithm_type="dpmsolver++", solver_order=2, **kwargs)
+    if kind == "unipc":
+        return UniPCMultistepScheduler(**flow, **kwargs)
+    raise ValueError(kind)
+
+
+def sd3_pipeline(seed: int = 0, scheduler: str = "euler", **scheduler_kwargs):
+    """A tiny StableDiffusion3Pipeline without VAE and text encoders: call it with ``prompt_embeds`` [B, T, 16],
+    ``pooled_prompt_embeds`` [B, 16] and their negatives, ``height = width = 64`` (latent 4 x 8 x 8),
+    ``output_type="latent"``. CFG is one batched transformer call on [uncond; cond]."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8).eval()  # fmt: skip
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=_flow_scheduler(scheduler, **scheduler_kwargs), vae=None,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_pipeline(seed: int = 0, scheduler: str = "euler", **scheduler_kwargs):
+    """A tiny FluxPipeline without VAE and text encoders (``prompt_embeds`` [B, T, 16], ``pooled_prompt_embeds``
+    [B, 16]; ``true_cfg_scale > 1`` with the negatives: two transformer calls per step), ``height = width = 64``
+    (packed latent [B, 16, 16]), dynamic shifting like FLUX.1's scheduler."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+                                         guidance_embeds=False, axes_dims_rope=(2, 2, 4)).eval()  # fmt: skip
+    if scheduler == "euler":
+        scheduler_kwargs = {"use_dynamic_shifting": True, **scheduler_kwargs}
+    pipe = FluxPipeline(scheduler=_flow_scheduler(scheduler, **scheduler_kwargs), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_pipeline(seed: int = 0, scheduler: str = "unipc", two: bool = False, **scheduler_kwargs):
+    """A tiny WanPipeline (video: latents [B, 4, 2, 4, 4] for ``num_frames=5, height=width=32``) without
+    VAE and text encoder (``prompt_embeds`` / ``negative_prompt_embeds`` [B, T, 16]); CFG is two
+    transformer calls per step. ``two=True``: Wan 2.2's two transformers, switched at
+    ``boundary_ratio = 0.875``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers import WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+
+    def transformer():
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                     out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                     rope_max_seq_len=32).eval()  # fmt: skip
+
+    first = transformer()
+    extra = dict(transformer_2=transformer(), boundary_ratio=0.875) if two else {}
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=_flow_scheduler(scheduler, **scheduler_kwargs),
+                       transformer=first, **extra)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

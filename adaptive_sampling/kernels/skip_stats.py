@@ -7,16 +7,19 @@ One function, two implementations side by side (the Liger-Kernel pattern):
   or ``_partials_kernel`` + ``_decide_kernel`` (two launches), built from the shared
   ``@triton.jit`` helpers ``_accumulate`` (the streaming sums) and ``_decide`` (the rule).
 
-and one dispatcher, ``skip_update``, that every caller goes through.
+and one dispatcher, ``skip_update``, that every caller goes through. One concept in one module
+(over 400 lines on purpose): the kernel, its reference and its dispatch stay side by side, so
+that a change to one is seen next to the others.
 
 The two stages are also callable apart, for processes that each hold a shard of the latents
-(``adaptive_sampling.distributed``): ``skip_partials`` returns the per-sample sums [4, B] (same
+(``adaptive_sampling.integrations.distributed``): ``skip_partials`` returns the per-sample sums [4, B] (same
 layout on both backends), the caller completes them over the processes (an all-reduce), and
 ``skip_decide`` applies the rule to the completed sums. ``skip_update`` itself is unchanged by
 this: one process keeps the fused single launch (small latents) and the kernel-side reduction.
 
 What one update does, for the latent ``x_i`` entering call ``k = i + 1`` (per sample b, in the
-chosen space: each latent times 1 / sqrt(1 + sigma^2) for VP, as is for VE):
+chosen space: each latent times 1 / sqrt(1 + sigma^2) for VP, 1 / (1 + sigma) for the flow latent,
+as is for VE):
 
 * ``bad``: whether x_i holds NaN/Inf (then the decision is "compute": never skip on garbage);
 * ``d  = mean|x_i - x_{i-1}|`` (reference criterion), ``l2 = ||x_i - x_{i-1}||_2`` and
@@ -116,6 +119,16 @@ class SkipRule:
     per_sample: bool = True
     vp: bool = True
     reference_cap_bug: bool = False
+    flow: bool = False  # measure the rectified-flow latent x / (1 + sigma) (then vp must be False)
+
+    def __post_init__(self) -> None:
+        if self.vp and self.flow:
+            raise ValueError("SkipRule: vp and flow are exclusive (one measured space)")
+
+    @property
+    def space_code(self) -> int:
+        """The kernel's SPACE constexpr: 0 VE (as is), 1 VP, 2 flow."""
+        return 2 if self.flow else int(self.vp)
 
     @property
     def history(self) -> int:
@@ -251,7 +264,7 @@ def skip_partials(
     are 0). Both backends give this layout; they differ only in the order of the additions.
 
     Every row is a sum over elements, so the sums of the shards of a latent add up to the sums of
-    the whole latent: this is what ``adaptive_sampling.distributed`` all-reduces before
+    the whole latent: this is what ``adaptive_sampling.integrations.distributed`` all-reduces before
     ``skip_decide``. ``state`` lends the Triton path its scratch buffer and launch cache; it is
     not changed otherwise. Triton: ``_partials_kernel`` on its (B, C) grid, then ``_sums_kernel``
     (one program) reduces the chunks in the fixed order ``_decide_kernel`` uses.
@@ -339,6 +352,14 @@ def _update_torch(latents, sigmas, state: SkipState, step: int, rule: SkipRule) 
     _decide_torch(sums, state, step, rule, _order(len(latents), rule), latents[0][0].numel(), None)
 
 
+def _space_scale(sigma: torch.Tensor, rule: SkipRule) -> torch.Tensor:
+    """Factor from the VE latent into the measured space, per sample: 1 / sqrt(1 + sigma^2) (VP),
+    1 / (1 + sigma) (the flow latent: x_flow = x_ve (1 - s) with s = sigma / (1 + sigma)), or 1."""
+    if rule.flow:
+        return 1 / (1 + sigma)
+    return vp_scale(sigma) if rule.vp else torch.ones_like(sigma)
+
+
 def _sums_torch(latents, sigmas, rule: SkipRule, acc: torch.dtype, exact_count: bool = True) -> torch.Tensor:
     """Stage 1 of the reference: the [4, B] per-sample sums (see ``skip_partials``).
 
@@ -355,7 +376,7 @@ def _sums_torch(latents, sigmas, rule: SkipRule, acc: torch.dtype, exact_count: 
         bad = (flat[0] * 0).sum(dim=1, dtype=acc).isnan().to(acc)
     order = _order(len(latents), rule)
     # latent * fp32 scale promotes to fp32 elementwise (exact for fp16/bf16), in one pass
-    scales = [vp_scale(g.to(acc)) if rule.vp else torch.ones_like(g, dtype=acc) for g in sigmas[: order + 1]]
+    scales = [_space_scale(g.to(acc), rule) for g in sigmas[: order + 1]]
     x = [f * c[:, None] for f, c in zip(flat[: order + 1], scales)] if order else []
     zeros = torch.zeros(B, dtype=acc, device=bad.device)
     s1 = s2 = s3 = zeros
@@ -442,26 +463,29 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _scale(sigma_ptr, b, VP: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr):
-        """Factor into the measured space for sample b: 1 / sqrt(1 + sigma^2) (VP) or 1 (VE)."""
+    def _scale(sigma_ptr, b, SPACE: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr):
+        """Factor into the measured space for sample b: 1 / sqrt(1 + sigma^2) (VP), 1 / (1 + sigma)
+        (flow) or 1 (VE)."""
         s = tl.load(sigma_ptr + b).to(ACC)
         one = s * 0 + 1
-        if VP:
+        if SPACE == 1:
             one = _div(one, _sqrt(one + s * s, F64), F64)
+        elif SPACE == 2:
+            one = _div(one, one + s, F64)
         return one
 
     @triton.jit
     def _accumulate(
         x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, b, base, start, stop,
-        ORDER: tl.constexpr, VP: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
+        ORDER: tl.constexpr, SPACE: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         """Sums over elements [start, stop) of sample b (row offset ``base``), one pass over the
         latents: sum|y0 - y1|, sum (y0 - y1)^2, sum (y0 - 3 y1 + 3 y2 - y3)^2 and the number of
         non-finite values in x0, where y_j = x_j * scale(sigma_j[b])."""
-        s0 = _scale(g0_ptr, b, VP, ACC, F64)
-        s1 = _scale(g1_ptr, b, VP, ACC, F64)
-        s2 = _scale(g2_ptr, b, VP, ACC, F64)
-        s3 = _scale(g3_ptr, b, VP, ACC, F64)
+        s0 = _scale(g0_ptr, b, SPACE, ACC, F64)
+        s1 = _scale(g1_ptr, b, SPACE, ACC, F64)
+        s2 = _scale(g2_ptr, b, SPACE, ACC, F64)
+        s3 = _scale(g3_ptr, b, SPACE, ACC, F64)
         acc_abs = tl.zeros([BLOCK], dtype=ACC)
         acc_sq = tl.zeros([BLOCK], dtype=ACC)
         acc_third = tl.zeros([BLOCK], dtype=ACC)
@@ -501,7 +525,7 @@ if triton is not None:
         (``n`` per sample, ``n * B`` when the batch is pooled); ``stats_off``/``score_off`` are
         the element offsets of this step's rows in ``stats``/``scores``. ``POOLED`` (batch mode
         only): the batch's four sums are not the lanes' but given at ``pooled_ptr`` (pooled over
-        the processes of a data-parallel group, ``adaptive_sampling.distributed``).
+        the processes of a data-parallel group, ``adaptive_sampling.integrations.distributed``).
         """
         bad = s_bad > 0
         stats = stats_ptr + stats_off + b * 3
@@ -553,7 +577,7 @@ if triton is not None:
     def _partials_kernel(
         x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, partials_ptr,
         n, chunk, plane, num_chunks,
-        ORDER: tl.constexpr, VP: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
+        ORDER: tl.constexpr, SPACE: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         """Stage 1, program (b, c): the four sums over elements [c * chunk, (c + 1) * chunk) of
         sample b, written to partials[q, b, c] (``plane`` = B * C is the stride between the
@@ -564,7 +588,7 @@ if triton is not None:
         start = c.to(tl.int64) * chunk
         a_abs, a_sq, a_third, a_bad = _accumulate(
             x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, b,
-            b.to(tl.int64) * n, start, tl.minimum(start + chunk, n), ORDER, VP, ACC, F64, BLOCK,
+            b.to(tl.int64) * n, start, tl.minimum(start + chunk, n), ORDER, SPACE, ACC, F64, BLOCK,
         )  # fmt: skip
         out = partials_ptr + b * num_chunks + c
         tl.store(out, a_abs)
@@ -633,7 +657,7 @@ if triton is not None:
         x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr,
         prev_d_ptr, run_ptr, flags_ptr, stats_ptr, scores_ptr, delta_ptr, pooled_ptr,
         B, n, n_decide, stats_off, score_off, deciding, window, cap_active,
-        ORDER: tl.constexpr, CRITERION: tl.constexpr, PER_SAMPLE: tl.constexpr, VP: tl.constexpr,
+        ORDER: tl.constexpr, CRITERION: tl.constexpr, PER_SAMPLE: tl.constexpr, SPACE: tl.constexpr,
         ACC: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
     ):  # fmt: skip
         """Both stages in ONE program, for small latents (SD-1.5 up to batch 8): the samples are
@@ -647,7 +671,7 @@ if triton is not None:
         for b in range(0, B):
             # b * n fits in int32 here: this path only runs for B * n <= _FUSED_MAX_ELEMENTS
             a_abs, a_sq, a_third, a_bad = _accumulate(
-                x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, b, b * n, 0, n, ORDER, VP, ACC, F64, BLOCK
+                x0_ptr, x1_ptr, x2_ptr, x3_ptr, g0_ptr, g1_ptr, g2_ptr, g3_ptr, b, b * n, 0, n, ORDER, SPACE, ACC, F64, BLOCK
             )  # fmt: skip
             here = lanes == b
             s_abs = tl.where(here, a_abs, s_abs)
@@ -746,7 +770,7 @@ def _stage1_triton(latents, state: SkipState, inputs: dict, dynamic: tuple, orde
     chunk = -(-n // C)
     chunk = -(-chunk // _BLOCK) * _BLOCK
     stage1 = dict(**inputs, partials_ptr=partials, n=n, chunk=chunk, plane=B * C, num_chunks=C,
-                  ORDER=order, VP=rule.vp, ACC=tl.float64 if f64 else tl.float32, F64=f64, BLOCK=_BLOCK)  # fmt: skip
+                  ORDER=order, SPACE=rule.space_code, ACC=tl.float64 if f64 else tl.float32, F64=f64, BLOCK=_BLOCK)  # fmt: skip
     _launch(state, _partials_kernel, (B, C), stage1, dict(num_warps=_NUM_WARPS), dynamic, order)
     return partials
 
@@ -778,7 +802,7 @@ def _update_triton(latents, sigmas, state: SkipState, step: int, rule: SkipRule)
     step_args = dict(zip(("stats_off", "score_off", "deciding", "window", "cap_active"), offsets))
     sizes = dict(zip(("B", "n", "n_decide"), decision))
     if B * n <= _FUSED_MAX_ELEMENTS:
-        args = dict(**inputs, **state_args, **sizes, **step_args, **constants, VP=rule.vp, BLOCK=_FUSED_BLOCK,
+        args = dict(**inputs, **state_args, **sizes, **step_args, **constants, SPACE=rule.space_code, BLOCK=_FUSED_BLOCK,
                     BLOCK_B=block_b)  # fmt: skip
         _launch(state, _fused_kernel, (1,), args, dict(num_warps=_FUSED_NUM_WARPS), dynamic, order)
         return

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import SkipPolicy
+from .base import SkipPolicy, resolve
 
 __all__ = ["BySampler"]
 
 
 @dataclass(frozen=True)
-class BySampler:
+class BySampler(SkipPolicy):
     """``policies``: sampler name -> policy; ``fallback``: the policy for any other sampler
     (None: other samplers are refused with an error naming the known ones)."""
 
@@ -25,16 +25,33 @@ class BySampler:
     fallback: SkipPolicy | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.policies, dict):
+            raise TypeError(f"policies must be a dict of sampler name -> policy, got {type(self.policies).__name__}")
         for name, p in list(self.policies.items()) + [("fallback", self.fallback)]:
-            if p is not None and not callable(getattr(p, "start", None)):
+            if not isinstance(name, str):
+                raise TypeError(f"policies keys must be sampler names (str), got {name!r}")
+            if p is not None and not isinstance(p, SkipPolicy):
                 raise ValueError(f"policies[{name!r}] must be a skip policy, got {p!r}")
+        object.__setattr__(self, "policies", {k.removeprefix("sample_"): v for k, v in self.policies.items()})
 
-    def policy_for(self, sampler: str) -> SkipPolicy:
-        name = sampler.removeprefix("sample_")
+    def _all(self) -> list[SkipPolicy]:
+        return list(self.policies.values()) + ([self.fallback] if self.fallback is not None else [])
+
+    @property
+    def per_sample(self) -> bool:  # type: ignore[override]
+        return all(p.per_sample for p in self._all())
+
+    @property
+    def shardable(self) -> bool:  # type: ignore[override]
+        return all(p.shardable for p in self._all())
+
+    def policy_for(self, sampler) -> SkipPolicy:
+        """The policy for a sampler name or registry entry (``sample_`` prefix optional)."""
+        name = resolve(sampler).name
         policy = self.policies.get(name, self.fallback)
         if policy is None:
-            raise ValueError(f"no policy for sampler {sampler!r}; known: {sorted(self.policies)}")
+            raise ValueError(f"no policy for sampler {name!r}; known: {sorted(self.policies)}")
         return policy
 
-    def start(self, x: torch.Tensor, num_steps: int, sampler: str, sigmas: torch.Tensor | None = None):
+    def start(self, x: torch.Tensor, num_steps: int, sampler, sigmas: torch.Tensor | None = None):
         return self.policy_for(sampler).start(x, num_steps, sampler, sigmas=sigmas)

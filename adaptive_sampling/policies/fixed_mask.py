@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .base import SkipPolicy
 from .kernel_controller import KernelController
 from .reuse import Reuse, make_reuse
 
@@ -14,7 +15,7 @@ __all__ = ["FixedMask"]
 
 
 @dataclass(frozen=True, eq=False)
-class FixedMask:
+class FixedMask(SkipPolicy):
     """Replay a given compute mask: ``mask[k]`` (or ``mask[b, k]``) says whether call k runs.
 
     For baselines (uniform stride) and oracles (the greedy optimal path). Shape [N] applies to
@@ -24,6 +25,8 @@ class FixedMask:
 
     mask: torch.Tensor | np.ndarray | list = field(repr=False)
     reuse: Reuse | str = "copy"
+
+    shardable = True  # its only sum is the NaN/Inf count: a NaN in one shard stops every process
 
     def __post_init__(self) -> None:
         m = torch.as_tensor(np.asarray(self.mask))
@@ -38,7 +41,7 @@ class FixedMask:
         object.__setattr__(self, "mask", m.cpu())
         make_reuse(self.reuse)
 
-    def start(self, x: torch.Tensor, num_steps: int, sampler: str, sigmas: torch.Tensor | None = None) -> KernelController:
+    def start(self, x: torch.Tensor, num_steps: int, sampler, sigmas: torch.Tensor | None = None) -> KernelController:
         B = x.shape[0]
         if self.mask.shape[-1] != num_steps:
             raise ValueError(f"mask has {self.mask.shape[-1]} steps, the sigmas give {num_steps}")

@@ -5,7 +5,7 @@ device-to-host read per step (decision + NaN/Inf check of the latent).
 All arithmetic of the third-order rule lives in the kernel module (one dispatch, torch or
 Triton); this module only wires parameters, history and bookkeeping.
 
-Across processes (``adaptive_sampling.distributed``): ``use_collective`` makes every update run
+Across processes (``adaptive_sampling.integrations.distributed``): ``use_collective`` makes every update run
 the kernel's two stages apart, ``skip_partials`` (per-sample sums of this process's elements),
 the collective (all-reduce over the shards of a sharded latent; pooling over a data-parallel
 group in batch mode), then ``skip_decide`` on the completed sums: every process then decides from
@@ -17,18 +17,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Controller
+from .base import Controller, NonFiniteLatent
 from .reuse import Reuse
 
-__all__ = ["KernelController", "NonFiniteLatent"]
-
-
-class NonFiniteLatent(FloatingPointError):
-    """The latent entering call ``step`` (produced by step ``step - 1``) holds NaN or Inf."""
-
-    def __init__(self, step: int, rows: np.ndarray) -> None:
-        self.step, self.rows = step, rows
-        super().__init__(f"latent produced by step {step - 1} holds NaN/Inf in batch rows {rows.tolist()}")
+__all__ = ["KernelController"]
 
 
 class KernelController(Controller):
@@ -65,7 +57,7 @@ class KernelController(Controller):
         self._run = np.zeros(B, dtype=np.int64)  # host copy of the skip counter, for `capped`
         self._history: list[tuple[torch.Tensor, torch.Tensor]] = []  # newest first, bounded
 
-    collective = None  # set by adaptive_sampling.distributed; None: this process decides alone
+    collective = None  # set by integrations.distributed; None: this process decides alone
 
     def use_collective(self, collective) -> None:
         """Complete the per-sample sums through ``collective`` before deciding (see the module docstring)."""

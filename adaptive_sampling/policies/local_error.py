@@ -33,13 +33,13 @@ two sums read tensors the step has just written, and there is no latent history 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from .base import Controller, check_int, check_number
-from .kernel_controller import NonFiniteLatent
+from ..checks import check_int, check_number
+from .base import Controller, NonFiniteLatent, SkipPolicy
 from .reuse import Extrapolate, ExtrapolateState, Reuse, Variable, make_reuse
 
 __all__ = ["LocalError", "LocalErrorController"]
@@ -50,7 +50,7 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 
 
 @dataclass(frozen=True)
-class LocalError:
+class LocalError(SkipPolicy):
     """Skip the next call iff the embedded-pair estimate of its one-step error is below ``tol``
     (see the module docstring).
 
@@ -71,6 +71,9 @@ class LocalError:
     per_sample: bool = True
     variable: Variable | None = None
 
+    shardable = True
+    scored = True
+
     def __post_init__(self) -> None:
         check_number("tol", self.tol, 0.0)
         check_int("max_skips", self.max_skips, 0)
@@ -81,8 +84,11 @@ class LocalError:
         if not isinstance(self.per_sample, bool):
             raise ValueError(f"per_sample must be a bool, got {self.per_sample!r}")
 
-    def start(self, x: torch.Tensor, num_steps: int, sampler: str, sigmas: torch.Tensor | None = None):
+    def start(self, x: torch.Tensor, num_steps: int, sampler, sigmas: torch.Tensor | None = None):
         return LocalErrorController(self, x, num_steps, sigmas)
+
+    def with_reuse(self, reuse: Reuse | str) -> "LocalError":
+        return replace(self, reuse=reuse)
 
 
 class LocalErrorController(Controller):
@@ -111,7 +117,7 @@ class LocalErrorController(Controller):
         self.run = np.zeros(B, dtype=np.int64)  # consecutive skips so far, per row
         self.computed_calls = np.zeros(B, dtype=np.int64)
 
-    collective = None  # set by adaptive_sampling.distributed; None: this process decides alone
+    collective = None  # set by integrations.distributed; None: this process decides alone
 
     def use_collective(self, collective) -> None:
         """Across processes: the per-sample sums (squared difference, squared latent, NaN flag)
@@ -146,6 +152,9 @@ class LocalErrorController(Controller):
         elif not self.policy.per_sample:
             num, den, bad = num.sum().expand(B), den.sum().expand(B), bad.any().expand(B)
         rel = (num / den).sqrt()
+        # a history node at sigma = inf (a flow grid's s = 1) leaves the order-1 forecast undefined:
+        # no estimate, so the call computes
+        rel = torch.where(torch.isfinite(h.t[:2]).all(dim=0), rel, torch.full_like(rel, torch.inf))
         packed = torch.stack([rel.to(torch.float64), bad.to(torch.float64)]).cpu().numpy()
         return packed[0] * self.step_length[step], packed[1] > 0
 

@@ -4,9 +4,11 @@
 * ``Extrapolate(order, variable)``: a polynomial forecast of eps at the current noise level
   through the row's last ``order + 1`` COMPUTED calls (never through forecasts: a forecast is
   never recorded), in ``t = log(sigma)`` or ``t = sigma``. While a row has fewer computed calls
-  it falls back to the order they allow (copy after one call).
+  it falls back to the order they allow (copy after one call). A call at sigma = inf (a flow
+  grid's s = 1, in the VE view) is a node at infinity: the forecast through it is its limit, the
+  lower-order forecast through the finite nodes.
 
-Reuse is always of eps, never of the x0 estimate (SPEC.md): the runner hands the solver
+Reuse is always of eps, never of the x0 estimate (docs/method.md): the runner hands the solver
 ``x - sigma * eps_hat`` at the current x and sigma; DPM-Solver++ takes that as its x0 estimate.
 
 A strategy is an immutable description; ``start(x, num_steps)`` makes the per-call state, with
@@ -125,6 +127,8 @@ class ExtrapolateState:
         t = self._abscissa(sigma)
         n = self.t
         q = torch.clamp(self.count - 1, max=order)
+        # nodes at infinity (sigma = inf) can only be the oldest: use the finite ones in front of them
+        q = torch.minimum(q, torch.isfinite(n).to(torch.long).cumprod(dim=0).sum(dim=0) - 1)
         one, zero = torch.ones_like(t), torch.zeros_like(t)
         w = [torch.stack([one, zero, zero][: self.order + 1])]
         if order >= 1:

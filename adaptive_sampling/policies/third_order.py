@@ -1,37 +1,27 @@
 """``ThirdOrder``: the AdaptiveDiffusion skip rule (Ye et al., NeurIPS 2024), both as the authors'
-code implements it ("reference") and as the paper writes it ("paper"). See SPEC.md."""
+code implements it ("reference") and as the paper writes it ("paper"). See docs/method.md."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+import numpy as np
 import torch
 
-from .base import check_int
+from ..checks import check_int
+from .base import SkipPolicy, resolve
 from .kernel_controller import KernelController
 from .reuse import Reuse, make_reuse
 
-__all__ = ["ThirdOrder", "default_space", "Space"]
+__all__ = ["ThirdOrder", "Space"]
 
-Space = Literal["vp", "ve"]
-
-# Which latent the reference pipelines measured (SPEC.md): diffusers' DDIM and multistep/singlestep
-# DPM-Solver schedulers hold the variance-preserving latent; its Euler, Heun, LMS, KDPM2 and
-# DPM-Solver SDE (k-diffusion ports) hold the variance-exploding one. k-diffusion sampler names
-# map to the diffusers scheduler of the same solver.
-_VP_SAMPLERS = {"ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_ancestral"}
-
-
-def default_space(sampler: str) -> Space:
-    """The space the reference code measured latents in for ``sampler`` (``sample_`` prefix optional)."""
-    name = sampler.removeprefix("sample_")
-    return "vp" if name in _VP_SAMPLERS else "ve"
+Space = Literal["vp", "ve", "flow"]
 
 
 @dataclass(frozen=True)
-class ThirdOrder:
+class ThirdOrder(SkipPolicy):
     """The AdaptiveDiffusion skip rule (Ye et al., NeurIPS 2024).
 
     After the latent x_i is produced (i >= warmup - 1), the next model call is skipped when the
@@ -47,8 +37,10 @@ class ThirdOrder:
 
     per_sample: each batch row decides for itself (default); ``False`` reproduces the
         reference's single decision for the whole batch (sums pooled over all rows).
-    space: ``"vp"`` measures on x / sqrt(1 + sigma^2), ``"ve"`` on x itself; ``None`` takes
-        what the reference measured for that sampler (VP for DDIM and DPM-Solver++, VE for Euler).
+    space: ``"vp"`` measures on x / sqrt(1 + sigma^2), ``"ve"`` on x itself, ``"flow"`` on the
+        rectified-flow latent x / (1 + sigma); ``None`` takes the
+        sampler's registry entry (``Sampler.space``: what the reference measured, VP for DDIM and
+        DPM-Solver++, VE for Euler; the latent the scheduler holds under the diffusers hook).
     reference_cap_bug: reproduce the reference code's off-by-one in ``max_skip_steps`` (the cap
         is only checked once more than 4 decisions exist, so the first skip run can reach 5
         whatever ``max_skips`` is). Off by default: the cap holds from the first run. Use it only
@@ -71,6 +63,9 @@ class ThirdOrder:
     backend: str | None = None
     reuse: Reuse | str = "copy"
 
+    shardable = True
+    scored = True
+
     def __post_init__(self) -> None:
         if not isinstance(self.delta, (int, float)) or isinstance(self.delta, bool) or not math.isfinite(self.delta):
             raise ValueError(f"delta must be a finite number, got {self.delta!r}")
@@ -80,13 +75,17 @@ class ThirdOrder:
         check_int("warmup", self.warmup, 4)
         if self.criterion not in ("reference", "paper"):
             raise ValueError(f"criterion must be 'reference' or 'paper', got {self.criterion!r}")
-        if self.space not in (None, "vp", "ve"):
-            raise ValueError(f"space must be 'vp', 've' or None, got {self.space!r}")
+        if self.space not in (None, "vp", "ve", "flow"):
+            raise ValueError(f"space must be 'vp', 've' or None, or 'flow' (the rectified-flow latent), got {self.space!r}")
         if self.backend not in (None, "auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch', 'triton' or None, got {self.backend!r}")
         make_reuse(self.reuse)
 
-    def kernel_rule(self, sampler: str, max_skips: int | None = None):
+    def measured_space(self, sampler) -> str:
+        """The latent this rule measures under ``sampler`` (a name or registry entry)."""
+        return self.space or resolve(sampler).space
+
+    def kernel_rule(self, sampler, max_skips: int | None = None):
         """The kernel's static parameters for ``sampler`` (``max_skips`` overridable, for ``Budget``)."""
         from ..kernels import skip_stats as ks
 
@@ -96,10 +95,38 @@ class ThirdOrder:
             max_skips=int(self.max_skips if max_skips is None else max_skips),
             warmup=int(self.warmup),
             per_sample=self.per_sample,
-            vp=(self.space or default_space(sampler)) == "vp",
+            vp=self.measured_space(sampler) == "vp",
+            flow=self.measured_space(sampler) == "flow",
             reference_cap_bug=self.reference_cap_bug,
         )
 
-    def start(self, x: torch.Tensor, num_steps: int, sampler: str, sigmas: torch.Tensor | None = None) -> KernelController:
-        space = self.space or default_space(sampler)
-        return KernelController(x, num_steps, self.kernel_rule(sampler), space, self.backend, reuse=self.reuse)
+    def start(self, x: torch.Tensor, num_steps: int, sampler, sigmas: torch.Tensor | None = None) -> KernelController:
+        return KernelController(x, num_steps, self.kernel_rule(sampler), self.measured_space(sampler), self.backend,
+                                reuse=self.reuse)  # fmt: skip
+
+    def scorer(self, x: torch.Tensor, num_steps: int, sampler, sigmas: torch.Tensor | None = None) -> "ThirdOrderScorer":
+        """The kernel-backed rule as a scorer: score = criterion value / delta, the kernel's own cap
+        off (the composite applies the guards); flags and score in one read."""
+        return ThirdOrderScorer(self, x, num_steps, sampler)
+
+    def with_reuse(self, reuse: Reuse | str) -> "ThirdOrder":
+        return replace(self, reuse=reuse)
+
+
+class ThirdOrderScorer(KernelController):
+    """``ThirdOrder.scorer``: the kernel controller with the cap disabled, scoring each step."""
+
+    def __init__(self, rule: ThirdOrder, x: torch.Tensor, num_steps: int, sampler) -> None:
+        super().__init__(x, num_steps, rule.kernel_rule(sampler, max_skips=num_steps), rule.measured_space(sampler),
+                         rule.backend, reuse=rule.reuse)  # fmt: skip
+        self.delta = float(rule.delta)
+
+    def score(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:
+        _, score = self._observe(step, x, sigma, with_score=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return score / self.delta if self.delta > 0 else np.full(x.shape[0], np.inf)
+
+    def observe(self, step: int, x: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Warm-up steps: the kernel still needs the latent for its difference history."""
+        if step > 0:
+            self._observe(step, x, sigma)

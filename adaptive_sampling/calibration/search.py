@@ -5,7 +5,7 @@
     policy.save("dpmpp_25.json")                      # Calibrated.load("dpmpp_25.json") later
     x, report = sample_dpmpp_2m(model, x_new, sigmas, extra_args={"y": y_new}, skip=policy)
 
-The greedy oracle path (``baselines.greedy_path``: drop, one call at a time, the call whose
+The greedy oracle path (``calibration.greedy.greedy_path``: drop, one call at a time, the call whose
 removal moves the final output least) needs the full-step output of the very sample, so it is an
 oracle. Its schedules follow the sigma grid far more than the sample, which makes a schedule
 searched on a few calibration samples a good fixed schedule for others (the idea behind
@@ -29,6 +29,7 @@ DPM-Solver++ (``merge_skipped=True``: the mask is exactly DPM-Solver++ on its su
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -36,19 +37,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .baselines import GreedyPath, greedy_path
-from .policies.base import check_int
-from .policies.calibrated import SAMPLERS as SAMPLER_NAMES
-from .policies.calibrated import Calibrated
-from .policies.reuse import Copy, Reuse, make_reuse, reuse_to_dict
-from .progress import Bar
-from .runner import check_latent, check_sigmas
-from .sampling import sample_ddim, sample_dpmpp_2m, sample_euler
+from ..checks import check_int, check_latent, check_sigmas
+from ..conventions import get_convention
+from ..policies.calibrated import Calibrated
+from ..policies.reuse import Copy, Extrapolate, Reuse, make_reuse, reuse_to_dict
+from ..progress import Bar
+from ..samplers.registry import get_sampler
+from .greedy import GreedyPath, greedy_path
 
-__all__ = ["calibrate", "calibration_path", "CalibrationPath", "AGGREGATES"]
+__all__ = ["calibrate", "calibration_path", "CalibrationPath", "AGGREGATES", "DEFAULT_REUSE"]
 
 AGGREGATES = ("mean_error", "frequency")
-_SAMPLE = {"ddim": sample_ddim, "euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
+# What skipped calls get in a calibrated schedule unless told otherwise: the linear eps forecast,
+# which won over the copied eps in the calibration study (bench/results/calibration.md).
+DEFAULT_REUSE = Extrapolate(1)
 
 
 @dataclass
@@ -88,7 +90,8 @@ class CalibrationPath:
 
     def policy(self, k: int) -> Calibrated:
         prov = {**self.provenance, "calls": k}
-        return Calibrated(self.sigmas, self.mask(k), self.sampler, self.reuse, self.merge_skipped, provenance=prov)
+        sigmas = get_convention(get_sampler(self.sampler).convention).ve_sigmas(self.sigmas.detach().cpu())
+        return Calibrated(sigmas, self.mask(k), self.sampler, self.reuse, self.merge_skipped, provenance=prov)
 
     def grid(self, k: int) -> torch.Tensor:
         """The k computed sigmas of ``mask(k)`` and the grid's final sigma: a (k + 1)-point grid."""
@@ -96,6 +99,7 @@ class CalibrationPath:
         return self.sigmas[keep.to(self.sigmas.device)]
 
 
+@torch.no_grad()
 def calibration_path(
     model: Callable[..., torch.Tensor],
     sampler: str,
@@ -104,7 +108,7 @@ def calibration_path(
     extra_args: dict | None = None,
     *,
     min_calls: int,
-    reuse: Reuse | str = "copy",
+    reuse: Reuse | str = DEFAULT_REUSE,
     merge_skipped: bool = False,
     aggregate: str = "mean_error",
     warmup: int = 4,
@@ -112,19 +116,21 @@ def calibration_path(
     disable: bool | None = None,
 ) -> CalibrationPath:
     """Run the calibration search once, down to ``min_calls`` calls per sample (see ``calibrate``)."""
-    if sampler not in SAMPLER_NAMES:
-        raise ValueError(f"sampler must be one of {SAMPLER_NAMES}, got {sampler!r}")
+    entry = get_sampler(sampler, runnable=True)
+    sampler = entry.name
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-    if not isinstance(merge_skipped, bool) or (merge_skipped and sampler != "dpmpp_2m"):
-        raise ValueError("merge_skipped must be a bool, and True only for sampler 'dpmpp_2m'")
+    if not isinstance(merge_skipped, bool) or (merge_skipped and not entry.multistep):
+        raise ValueError("merge_skipped must be a bool, and True only for a multistep sampler such as 'dpmpp_2m'")
+    if merge_skipped and "merge_skipped" not in inspect.signature(entry.sample).parameters:
+        raise ValueError(f"merge_skipped=True needs a loop that takes merge_skipped; {sampler!r}'s does not")
     check_latent(x)
     host = check_sigmas(sigmas)
     n = len(host) - 1
     check_int("warmup", warmup, 1, n)
     check_int("min_calls", min_calls, warmup, n)
     make_reuse(reuse)
-    sample = _SAMPLE[sampler]
+    sample = entry.sample
     kwargs = {"merge_skipped": True} if merge_skipped else {}
     started = time.perf_counter()
     reference, _ = sample(model, x, sigmas, extra_args, disable=True)
@@ -156,7 +162,7 @@ def calibrate(
     extra_args: dict | None = None,
     *,
     nfe: int,
-    reuse: Reuse | str = "copy",
+    reuse: Reuse | str | None = None,
     merge_skipped: bool = False,
     aggregate: str = "mean_error",
     as_grid: bool = False,
@@ -166,11 +172,14 @@ def calibrate(
 ) -> Calibrated | torch.Tensor:
     """A skip schedule with ``nfe`` calls per sample, searched on the calibration latents ``x``.
 
-    model: k-diffusion-convention denoiser. sampler: ``"ddim"``, ``"euler"`` or ``"dpmpp_2m"``.
+    model: k-diffusion-convention denoiser. sampler: the name of a sampler with a library loop
+    (``"ddim"``, ``"euler"``, ``"dpmpp_2m"``, or one registered with ``register_sampler``).
     sigmas: the grid (N steps). x: initial latents of a few calibration samples, already scaled
     by ``sigmas[0]`` as the samplers take them; extra_args: their conditioning (batch-leading
     tensors are sliced per row). nfe: calls per sample, warm-up included (``warmup <= nfe <= N``).
-    reuse: what skipped calls get, during the search and in the returned policy.
+    reuse: what skipped calls get, during the search and in the returned policy (default
+        ``Extrapolate(1)``, the linear eps forecast the calibration study found best; a grid search,
+        ``as_grid=True``, has no reuse).
     merge_skipped: DPM-Solver++ only, search and replay in the solver-consistent merge mode.
     aggregate: ``"mean_error"`` or ``"frequency"`` (module docstring).
     as_grid: return the ``nfe``-point sub-grid (a tensor of nfe + 1 sigmas) for sampling with no
@@ -188,10 +197,22 @@ def calibrate(
     """
     if not isinstance(as_grid, bool):
         raise ValueError(f"as_grid must be a bool, got {as_grid!r}")
+    entry = get_sampler(sampler, runnable=True)
+    n = len(check_sigmas(sigmas)) - 1
+    check_int("warmup", warmup, 1, n)
+    if not isinstance(nfe, (int, np.integer)) or isinstance(nfe, bool) or not warmup <= nfe <= n:
+        raise ValueError(f"nfe must be an int in [{warmup}, {n}] (warmup to the {n} steps of sigmas), got {nfe!r}")
     if as_grid:
-        if not isinstance(make_reuse(reuse), Copy):
-            raise ValueError("as_grid=True searches a sub-grid, which has no reuse: leave reuse='copy'")
-        merge_skipped = sampler == "dpmpp_2m"
+        if reuse is not None and not isinstance(make_reuse(reuse), Copy):
+            raise ValueError("as_grid=True searches a sub-grid, which has no reuse: leave reuse unset")
+        if entry.multistep and "merge_skipped" not in inspect.signature(entry.sample).parameters:
+            raise ValueError(
+                f"as_grid=True for the multistep sampler {entry.name!r} searches in the merge mode (a skip path is then "
+                f"exactly the sub-grid), which needs a loop that takes merge_skipped; {entry.name!r}'s does not"
+            )
+        reuse, merge_skipped = "copy", entry.multistep
+    elif reuse is None:
+        reuse = DEFAULT_REUSE
     path = calibration_path(model, sampler, sigmas, x, extra_args, min_calls=nfe, reuse=reuse, merge_skipped=merge_skipped,
                             aggregate=aggregate, warmup=warmup, seconds=seconds, disable=disable)  # fmt: skip
     return path.grid(nfe) if as_grid else path.policy(nfe)

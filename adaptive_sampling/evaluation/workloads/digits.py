@@ -7,7 +7,7 @@ is the posterior-weighted mean of the points:
 
 Conditioning on a class restricts the sum to that class's images. The denoiser is exact for the
 set, so it checks sampler mechanics without training; but it memorises (at the end of sampling it
-returns one of the training images), so it cannot rank skip policies by quality (SPEC.md,
+returns one of the training images), so it cannot rank skip policies by quality (docs/method.md,
 "Exact workloads memorise"): use ``workloads.learned`` for that.
 
 sklearn is imported only inside :func:`load_digits_data`.

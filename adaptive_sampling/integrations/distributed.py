@@ -2,7 +2,7 @@
 
 torch.distributed only (gloo on CPUs, nccl on GPUs); this module never opens a transport of its
 own. It is not imported by ``import adaptive_sampling``; import it as
-``from adaptive_sampling import distributed``. Every function takes ``group`` (a process group;
+``from adaptive_sampling.integrations import distributed``. Every function takes ``group`` (a process group;
 ``None``: the default group) and needs an initialised process group.
 
 Data parallel (each process samples its own prompts)
@@ -11,7 +11,7 @@ Per-sample decisions need no communication: a row's path depends on that row onl
 process runs the ordinary policy on its rows::
 
     from adaptive_sampling import ThirdOrder, sample_dpmpp_2m
-    from adaptive_sampling import distributed as asd
+    from adaptive_sampling.integrations import distributed as asd
 
     noise = torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 20  # same on every rank
     x, y = asd.split(noise, B), asd.split(labels, B)                    # this rank's rows
@@ -32,13 +32,14 @@ Each process holds a shard of every sample's latent (the same rows, different el
 ``shard(policy)`` makes the policy's per-sample partial sums over elements (the skip kernel's
 stage 1, ``kernels.skip_stats.skip_partials``, either backend; ``LocalError``'s sums) all-reduced
 over the group before the rule is applied (stage 2, ``skip_decide``), so every process decides
-identically, and still reads the device once per step (the flag bytes). Shardable: ``ThirdOrder``
-(both criteria, both backends, per sample or batch-wide), ``LocalError``, ``Budget`` over either,
-and ``FixedMask`` (whose only sum is the NaN/Inf count: a NaN in one shard stops every process).
-Any other policy raises a ``ValueError`` at ``shard()``, never silently deciding per shard, unless
-it declares ``shardable = True`` and its controllers implement ``use_collective`` (the protocol
-the built-in controllers follow: pass every [q, B] tensor of per-sample sums through
-``collective.sample_sums(sums, step)`` and, in batch mode, ``collective.batch_sums(sums, step)``).
+identically, and still reads the device once per step (the flag bytes). ``shard()`` accepts any
+policy that declares ``shardable = True`` (``policies.base``): its controllers implement
+``use_collective`` and pass every [q, B] tensor of per-sample sums through
+``collective.sample_sums(sums, step)`` and, in batch mode, ``collective.batch_sums(sums, step)``.
+The built-in ones do: ``ThirdOrder`` (both criteria, both backends, per sample or batch-wide),
+``LocalError``, ``Budget`` over either, ``Calibrated`` and ``FixedMask`` (whose only sum is the
+NaN/Inf count: a NaN in one shard stops every process). Any other policy raises a ``ValueError``
+at ``shard()``, never silently deciding per shard.
 
 Ties: the all-reduced sum of the shards' partial sums is a sum in another order than one
 process's sum over the whole latent, so it may differ in the last bits, and a decision exactly at
@@ -68,7 +69,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .report import SkipReport
+from ..policies.base import SkipPolicy
+from ..report import SkipReport
 
 __all__ = [
     "DistributedSkipError",
@@ -93,10 +95,10 @@ def _dist():
     import torch.distributed as dist
 
     if not dist.is_available():
-        raise RuntimeError("adaptive_sampling.distributed needs torch.distributed, which this torch build lacks")
+        raise RuntimeError("adaptive_sampling.integrations.distributed needs torch.distributed, which this torch build lacks")
     if not dist.is_initialized():
         raise RuntimeError(
-            "adaptive_sampling.distributed needs an initialised process group "
+            "adaptive_sampling.integrations.distributed needs an initialised process group "
             "(torch.distributed.init_process_group, e.g. under torchrun)"
         )
     return dist
@@ -175,36 +177,18 @@ class Collective:
 # --------------------------------------------------------------------------------------------
 
 
-def _builtin(policy) -> bool:
-    from .policies import Budget, FixedMask, LocalError, ThirdOrder
-
-    return isinstance(policy, (ThirdOrder, FixedMask, LocalError, Budget))
-
-
-def _per_sample(policy) -> bool:
-    from .policies import Budget, FixedMask
-
-    if isinstance(policy, FixedMask):
-        return True
-    rule = policy.rule if isinstance(policy, Budget) else policy
-    return bool(rule.per_sample)
-
-
 def _attach(controller, policy, what: str, x, num_steps: int, group, sharded: bool, pooled: bool):
-    """Hand ``controller`` its ``Collective`` (checked first, so an unfit controller fails on every
-    process before any collective runs)."""
-    hook = getattr(controller, "use_collective", None)
-    if hook is None:
-        raise ValueError(
-            f"{what}: the controller of {policy!r} ({type(controller).__name__}) has no use_collective(); "
-            "its decisions cannot be completed across processes"
-        )
-    hook(Collective(x, num_steps, group, sharded=sharded, pooled=pooled))
+    """Hand ``controller`` its ``Collective`` (``Controller.use_collective`` raises for a controller
+    that cannot take one, on every process, before any collective runs)."""
+    try:
+        controller.use_collective(Collective(x, num_steps, group, sharded=sharded, pooled=pooled))
+    except ValueError as e:
+        raise ValueError(f"{what}: the controller of {policy!r}: {e}") from None
     return controller
 
 
 @dataclass(frozen=True, eq=False)
-class Sharded:
+class Sharded(SkipPolicy):
     """``shard(policy, group)``: each process holds a shard of every sample's latent (see the module docstring)."""
 
     policy: Any
@@ -219,7 +203,7 @@ class Sharded:
 
 
 @dataclass(frozen=True, eq=False)
-class Pooled:
+class Pooled(SkipPolicy):
     """``data_parallel(policy, group)`` for a batch-wide policy: sums pooled over the group's rows."""
 
     policy: Any
@@ -239,23 +223,21 @@ def shard(policy, group=None) -> Sharded:
     Every process of the group must hold the same samples (rows) and a part of each sample's
     elements (any split: along channels, tokens, rows of pixels, even uneven), call the sampler
     with the same sigmas and arguments, and run its model on the rows the decision gives (the
-    same rows on every process). Built-in policies only (``ThirdOrder``, ``LocalError``,
-    ``Budget`` over them, ``FixedMask``), or one that declares ``shardable = True``; anything else
-    raises a ``ValueError`` here.
+    same rows on every process). Any policy that declares ``shardable = True`` (the built-in ones
+    do); anything else raises a ``ValueError`` here.
     """
     if isinstance(policy, (Sharded, Pooled)):
         raise NotImplementedError(
             f"{policy!r} is already distributed; sharding combined with data parallelism (2-D groups) is not supported"
         )
-    if not callable(getattr(policy, "start", None)):
-        raise TypeError(f"shard() needs a skip policy (ThirdOrder, LocalError, ...), got {policy!r}")
-    if not (_builtin(policy) or getattr(policy, "shardable", False) is True):
+    if not isinstance(policy, SkipPolicy):
+        raise TypeError(f"shard() needs a skip policy (default_policy(), ThirdOrder(), ...), got {policy!r}")
+    if not policy.shardable:
         raise ValueError(
-            f"{policy!r} cannot be sharded: shard() knows that a policy's decision depends on the latent only "
-            "through per-sample sums over its elements (which it all-reduces) for ThirdOrder, LocalError, Budget "
-            "and FixedMask only. Deciding on each shard alone would let the processes disagree and hang in the "
-            "model's collectives. A third-party policy opts in with `shardable = True` and controllers that "
-            "implement use_collective() (see adaptive_sampling.distributed)."
+            f"{policy!r} cannot be sharded: it does not declare that its decision depends on the latent only through "
+            "per-sample sums over its elements (which shard() all-reduces). Deciding on each shard alone would let "
+            "the processes disagree and hang in the model's collectives. A policy opts in with `shardable = True` "
+            "and controllers that implement use_collective() (see adaptive_sampling.integrations.distributed)."
         )
     return Sharded(policy, group)
 
@@ -263,19 +245,16 @@ def shard(policy, group=None) -> Sharded:
 def data_parallel(policy, group=None):
     """The policy for data-parallel sampling over ``group`` (each process samples its own rows).
 
-    A per-sample policy is returned unchanged: it needs no communication. A batch-wide one
-    (``per_sample=False``; ``Budget`` over such a rule) is wrapped so that its sums are pooled over
-    every row of every process before deciding. Built-in policies only; a third-party policy
-    that decides each row from that row alone needs no wrapper.
+    A per-sample policy (``per_sample``, the default of every policy) is returned unchanged: it
+    needs no communication. A batch-wide one (``per_sample=False``; ``Budget`` over such a rule) is
+    wrapped so that its sums are pooled over every row of every process before deciding; its
+    controllers must implement ``use_collective`` (checked when sampling starts).
     """
     if isinstance(policy, (Sharded, Pooled)):
         raise NotImplementedError(f"{policy!r} is already distributed; 2-D groups are not supported")
-    if not _builtin(policy):
-        raise ValueError(
-            f"data_parallel() knows the built-in policies only, got {policy!r}; a policy that decides each row "
-            "from that row alone needs no wrapper (use it as is)"
-        )
-    return policy if _per_sample(policy) else Pooled(policy, group)
+    if not isinstance(policy, SkipPolicy):
+        raise TypeError(f"data_parallel() needs a skip policy (default_policy(), ThirdOrder(), ...), got {policy!r}")
+    return policy if policy.per_sample else Pooled(policy, group)
 
 
 # --------------------------------------------------------------------------------------------

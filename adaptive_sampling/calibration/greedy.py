@@ -1,7 +1,10 @@
-"""Baseline skip paths at a given number of model calls K (per sample): uniform stride, random,
-and the greedy optimal path of the paper's evaluation.
+"""The greedy optimal skip path (the paper's oracle; its code was not released) and its nested order.
 
-"Fewer steps" is not a mask but a shorter grid of the same kind: ``fewer_steps``.
+Start from the full mask; repeatedly drop the one computed call (at or after ``warmup``) whose
+removal moves the final output least (squared error to the full-step output), until the target
+number of calls. All candidates of all samples run in one batched sampler call per round,
+sharing trajectory prefixes (``_SharedPrefixModel``). ``calibrate`` builds on it (a shared path
+over calibration samples); the evaluation suite uses the per-sample path as the oracle baseline.
 """
 
 from __future__ import annotations
@@ -13,56 +16,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .policies import FixedMask
-from .policies.reuse import Reuse
-from .runner import slice_rows
+from ..policies import FixedMask
+from ..policies.reuse import Reuse
+from ..runner import slice_rows
 
-__all__ = ["uniform_mask", "random_mask", "fewer_steps", "greedy_masks", "greedy_path", "GreedyPath"]
-
-
-def _check_k(k: int, n: int) -> None:
-    if not 1 <= k <= n:
-        raise ValueError(f"need 1 <= K <= N, got K={k}, N={n}")
-
-
-def uniform_mask(n: int, k: int) -> np.ndarray:
-    """K computed calls spread evenly over N steps (uniform-stride reuse), always including step 0."""
-    _check_k(k, n)
-    mask = np.zeros(n, dtype=bool)
-    mask[np.floor(np.arange(k) * n / k).astype(int)] = True
-    return mask
-
-
-def random_mask(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Step 0 plus K - 1 further calls drawn uniformly without replacement."""
-    _check_k(k, n)
-    mask = np.zeros(n, dtype=bool)
-    mask[0] = True
-    mask[1 + rng.choice(n - 1, size=k - 1, replace=False)] = True
-    return mask
-
-
-def fewer_steps(
-    sample: Callable,
-    model: Callable,
-    noise: torch.Tensor,
-    schedule: Callable[[int], torch.Tensor],
-    steps: Sequence[int],
-    extra_args: dict | None = None,
-) -> torch.Tensor:
-    """Sample row b on a ``steps[b]``-step grid ``schedule(steps[b])``, every step computed, from
-    ``noise[b] * sigma_max`` of that grid: the "fewer steps" baseline at a per-sample NFE. Rows
-    with the same K run as one batch."""
-    steps = np.asarray(steps)
-    extra_args = extra_args or {}
-    out = None
-    for k in np.unique(steps):
-        rows = torch.from_numpy(np.flatnonzero(steps == k))
-        grid = schedule(int(k))
-        part, _ = sample(model, noise[rows] * grid[0], grid, slice_rows(extra_args, rows, len(steps)), disable=True)
-        out = part.new_empty((len(steps), *part.shape[1:])) if out is None else out
-        out[rows.to(out.device)] = part
-    return out
+__all__ = ["greedy_masks", "greedy_path", "GreedyPath"]
 
 
 class _SharedPrefixModel:
@@ -186,6 +144,7 @@ def _drop_costs(sample, model, noise, sigmas, masks, active, reference, extra_ar
     return costs, proxy.evaluated_rows
 
 
+@torch.no_grad()
 def greedy_path(
     sample: Callable,
     model: Callable,

@@ -39,12 +39,17 @@ leading spacing; ``sigmas(n, "trailing")`` and ``karras_sigmas(n)`` also work), 
 
     import torch
     from adaptive_sampling import sample_ddim
-    from adaptive_sampling.workloads import shapes
+    from adaptive_sampling.evaluation.workloads import shapes
 
     model = shapes.denoiser(cond_scale=3.0)
     grid = shapes.sigmas(50)
     y = torch.arange(10)  # one sample of each class
     x, report = sample_ddim(model, torch.randn(10, 3, 32, 32) * grid[0], grid, extra_args={"y": y})
+
+``pipeline(scheduler)`` wraps the UNet in a real diffusers ``DiffusionPipeline`` (``ShapesPipeline``:
+``pipe(labels, num_inference_steps=50, guidance_scale=2.0)``, the standard loop with batched CFG),
+which the diffusers hook, ``save_pretrained`` / ``from_pretrained`` and the ``tune`` command take
+like any pipeline.
 
 ``load_classifier()`` gives the small CNN that labels images (trained on procedural data only);
 the tests use it to check that samples are recognisably their class.
@@ -53,6 +58,7 @@ Importing this module loads torch only; diffusers and safetensors load inside th
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -62,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..schedules import ddpm_alphas_cumprod, get_sigmas_ddpm, get_sigmas_karras
+from ...schedules import ddpm_alphas_cumprod, get_sigmas_ddpm, get_sigmas_karras
 
 __all__ = [
     "CLASSES",
@@ -87,6 +93,8 @@ __all__ = [
     "denoiser",
     "ShapeClassifier",
     "load_classifier",
+    "pipeline",
+    "ShapesPipeline",
 ]
 
 CLASSES = ("disk", "ring", "square", "triangle", "plus", "star", "crescent", "frame", "heart", "ellipse")
@@ -405,3 +413,76 @@ def load_classifier(device: torch.device | str = "cpu") -> ShapeClassifier:
     model = ShapeClassifier()
     model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()})
     return model.to(device).eval().requires_grad_(False)
+
+
+# --- the UNet as a diffusers pipeline (the hook, save_pretrained / from_pretrained, the tune command) ----
+
+
+def __getattr__(name: str):
+    if name == "ShapesPipeline":  # defined on first use: diffusers loads only then
+        return _pipeline_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _pipeline_class():
+    from diffusers import DiffusionPipeline, ImagePipelineOutput
+    from diffusers.utils.torch_utils import randn_tensor
+
+    class ShapesPipeline(DiffusionPipeline):
+        """The shapes UNet as a diffusers pipeline: class labels in, images out.
+
+        ``pipe(labels, num_inference_steps=50, guidance_scale=2.0, generator=None, latents=None,
+        output_type="pt")``: latents [B, 12, 16, 16] from ``randn_tensor`` times the scheduler's
+        ``init_noise_sigma`` (or ``latents``), then diffusers' standard loop: CFG as one batched UNet
+        call on [uncond; cond] (the null class as uncond), ``scale_model_input``, ``scheduler.step``.
+        ``output_type="pt"``: images [B, 3, 32, 32] in [-1, 1]; ``"latent"``: the final latents.
+        """
+
+        model_cpu_offload_seq = "unet"
+
+        def __init__(self, unet, scheduler) -> None:
+            super().__init__()
+            self.register_modules(unet=unet, scheduler=scheduler)
+
+        @torch.no_grad()
+        def __call__(self, labels, num_inference_steps: int = 50, guidance_scale: float = 2.0, generator=None,
+                     latents: torch.Tensor | None = None, output_type: str = "pt", return_dict: bool = True):  # fmt: skip
+            device = self._execution_device
+            labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+            size, chans = self.unet.config.sample_size, self.unet.config.in_channels
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            if latents is None:
+                latents = randn_tensor((len(labels), chans, size, size), generator=generator, device=device, dtype=self.unet.dtype)
+                latents = latents * self.scheduler.init_noise_sigma
+            cfg = guidance_scale > 1
+            null = torch.full_like(labels, NULL_CLASS)
+            for t in self.progress_bar(self.scheduler.timesteps):
+                inp = torch.cat([latents, latents]) if cfg else latents
+                inp = self.scheduler.scale_model_input(inp, t)
+                out = self.unet(inp, t, class_labels=torch.cat([null, labels]) if cfg else labels).sample
+                if cfg:
+                    uncond, cond = out.chunk(2)
+                    out = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(out, t, latents, generator=generator).prev_sample
+            images = latents if output_type == "latent" else from_latent(latents.float(), IMAGE_SHAPE[-1] // size).clamp(-1, 1)
+            self.maybe_free_model_hooks()
+            return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    ShapesPipeline.__module__ = __name__
+    ShapesPipeline.__qualname__ = "ShapesPipeline"
+    return ShapesPipeline
+
+
+def pipeline(scheduler=None, unet=None):
+    """A ``ShapesPipeline`` around the shipped UNet (or ``unet``) with ``scheduler`` (default: DDIM
+    with the training schedule and Stable Diffusion's settings: leading spacing, steps_offset=1)."""
+    from diffusers import DDIMScheduler
+
+    if unet is None:
+        unet = load_pretrained()[0]
+    if scheduler is None:
+        scheduler = DDIMScheduler(**{**SCHEDULER_CONFIG, "set_alpha_to_one": False})
+    pipe = _pipeline_class()(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -11,7 +11,7 @@ leading-spacing DDPM grid):
   without skipping (the greedy merge-mode path, nfe from 10 (digits) or 20 (shapes) to 50; with ``sigmas``, mapped
   onto that grid by log sigma).
 
-    from adaptive_sampling.workloads.calibrated import load
+    from adaptive_sampling.evaluation.workloads.calibrated import load
     policy = load("digits", "dpmpp_2m", nfe=25)
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..policies.calibrated import Calibrated, map_schedule
+from ...policies.calibrated import Calibrated, map_schedule
 
 __all__ = ["load", "grid", "available"]
 

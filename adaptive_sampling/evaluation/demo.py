@@ -1,6 +1,6 @@
 """The main demo: is adaptive skipping worth it on a real (small) learned model?
 
-    python -m adaptive_sampling.demo [--workload digits|shapes] [--steps 50] [--batch 10] [--out demo_output]
+    python -m adaptive_sampling demo [--workload digits|shapes] [--steps 50] [--batch 10] [--out demo_output]
 
 On a shipped class-conditional model (``digits``: the EDM MLP on 8x8 digits, 50 Karras steps;
 ``shapes``: the diffusers UNet with eps prediction on SD's DDPM schedule, 50 steps on the
@@ -38,14 +38,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..policies import Budget, BySampler, Extrapolate, FixedMask, LocalError, ThirdOrder, default_policy
+from ..progress import Bar
+from ..samplers.registry import get_sampler
+from ..schedules import get_sigmas_karras
 from .baselines import uniform_mask
-from .evaluate import SAMPLERS, evaluate
 from .metrics import psnr
-from .policies import Budget, Extrapolate, FixedMask, LocalError, ThirdOrder
-from .policies.by_sampler import BySampler
-from .progress import Bar
-from .recommended import default_policy
-from .schedules import get_sigmas_karras
+from .suite import SAMPLERS, evaluate
 
 DELTAS = {"reference": [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5], "paper": [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2]}
 TRUTH_STEPS = 250  # the ODE truth: DPM-Solver++(2M) with this many steps of the workload's grid
@@ -104,7 +103,7 @@ def calibrated_grid(wl: Workload, steps: int) -> Callable[[int], torch.Tensor]:
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m adaptive_sampling.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m adaptive_sampling demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", choices=("digits", "shapes"), default="digits", help="the learned model (default digits)")
     p.add_argument("--steps", type=int, default=50, help="solver steps (default 50)")
     p.add_argument("--batch", type=int, default=10, help="samples, one class each (default 10: classes 0-9)")
@@ -145,7 +144,7 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     table = ev.table()
-    command = (f"python -m adaptive_sampling.demo --workload {args.workload} --steps {args.steps} --batch {args.batch} "
+    command = (f"python -m adaptive_sampling demo --workload {args.workload} --steps {args.steps} --batch {args.batch} "
                f"--cond-scale {args.cond_scale:g} --seed {args.seed}{'' if args.greedy else ' --no-greedy'}")  # fmt: skip
     (args.out / "table.md").write_text(
         f"# adaptive_sampling demo\n\n`{command}`\n\n{wl.describe}. PSNR/SSIM against the full-step output from the same "
@@ -165,7 +164,7 @@ def main(argv=None) -> int:
 def _sweep(wl: Workload, noise, extra, ev, steps, quiet):
     """Mean NFE and PSNR per sampler for every family over its threshold (or budget), and for
     uniform / fewer steps / DPM-Solver++ on the calibrated grid over K."""
-    from .sampling import sample_dpmpp_2m
+    from ..samplers import sample_dpmpp_2m
     from .workloads import calibrated
 
     ks = sorted({max(4, round(steps * f)) for f in FRACTIONS})
@@ -184,7 +183,8 @@ def _sweep(wl: Workload, noise, extra, ev, steps, quiet):
     total = len(SAMPLERS) * (sum(len(v) for v in families.values()) + 3 * len(ks))
     curves = {}
     with Bar(total, "families sweep", quiet) as bar:
-        for name, sample in SAMPLERS.items():
+        for name in SAMPLERS:
+            sample = get_sampler(name).sample
             ref = ev.references[name]
             x = noise * sigmas[0]
 

@@ -1,12 +1,15 @@
 """Quality evaluation: skip policies against the full-step output and against baselines at matched NFE.
 
     from functools import partial
-    from adaptive_sampling import ThirdOrder, get_sigmas_karras
-    from adaptive_sampling.evaluate import evaluate
+    from adaptive_sampling import default_policy, get_sigmas_karras
+    from adaptive_sampling.evaluation import evaluate
 
     ev = evaluate(model, noise, partial(get_sigmas_karras, sigma_min=0.002, sigma_max=80.0),
-                  {"default": ThirdOrder()}, steps=50, extra_args={"y": labels})
+                  {"default": default_policy()}, steps=50, extra_args={"y": labels})
     print(ev.table())
+
+``samplers`` are registry names (any sampler with a library loop, including one registered by
+the user with ``register_sampler``).
 
 For every sampler, the full-step run from the same noise is the reference. Each policy's run
 gives K = its NFE per sample, and each baseline is run at exactly that K per sample:
@@ -19,7 +22,7 @@ gives K = its NFE per sample, and each baseline is run at exactly that K per sam
 * ``dpmpp_2m_grid``: DPM-Solver++(2M) on a calibrated K-point grid (``grid_for(K)``, e.g. from
   ``calibrate(..., as_grid=True)``): the fast solver on the best grid we can make;
 * ``random``: step 0 plus K - 1 random calls;
-* ``greedy``: the greedy optimal path (``baselines.greedy_masks``), the paper's oracle.
+* ``greedy``: the greedy optimal path (``calibration.greedy_masks``), the paper's oracle.
 
 With ``truth_steps``, every output is also scored against a fine ODE solve (DPM-Solver++(2M) on
 ``schedule(truth_steps)`` from the same noise, e.g. 250 steps): ``Result.psnr_truth``. Being
@@ -40,15 +43,17 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .baselines import fewer_steps, greedy_masks, random_mask, uniform_mask
-from .policies import FixedMask, SkipPolicy
+from ..calibration.greedy import greedy_masks
+from ..policies import FixedMask, SkipPolicy, check_policy
+from ..progress import Bar
+from ..samplers import sample_dpmpp_2m
+from ..samplers.registry import get_sampler, registered, sampler_names
+from .baselines import fewer_steps, random_mask, uniform_mask
 from .metrics import max_abs_error, psnr, ssim
-from .progress import Bar
-from .sampling import sample_ddim, sample_dpmpp_2m, sample_euler
 
 __all__ = ["evaluate", "Evaluation", "Result", "Association", "SAMPLERS", "BASELINES"]
 
-SAMPLERS: dict[str, Callable] = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m, "euler": sample_euler}
+SAMPLERS = ("ddim", "dpmpp_2m", "euler")  # the default samplers: the library's three VE loops
 BASELINES = ("uniform", "fewer_steps", "dpmpp_2m_steps", "dpmpp_2m_grid", "random", "greedy")
 
 
@@ -133,7 +138,7 @@ def evaluate(
     policies: dict[str, SkipPolicy],
     *,
     steps: int = 50,
-    samplers: Sequence[str] = ("ddim", "dpmpp_2m", "euler"),
+    samplers: Sequence[str] = SAMPLERS,
     extra_args: dict | None = None,
     baselines: Sequence[str] = BASELINES,
     greedy_for: Sequence[str] | None = None,
@@ -152,14 +157,19 @@ def evaluate(
     DPM-Solver++(2M) solve with this many steps (``Result.psnr_truth``). grid_for: K -> a
     calibrated K-point grid, for the ``dpmpp_2m_grid`` baseline (skipped without it).
     """
-    unknown = [s for s in samplers if s not in SAMPLERS]
+    runnable = registered()
+    unknown = [s for s in samplers if not (isinstance(s, str) and s.removeprefix("sample_") in runnable
+                                           and runnable[s.removeprefix("sample_")].runnable)]  # fmt: skip
     if unknown:
-        raise ValueError(f"unknown samplers {unknown}; choose from {list(SAMPLERS)}")
+        raise ValueError(f"unknown samplers {unknown}; choose from {sampler_names(runnable=True)} (samplers with a library loop)")
+    entries = {name: get_sampler(name, runnable=True) for name in samplers}
     bad = [b for b in baselines if b not in BASELINES]
     if bad:
         raise ValueError(f"unknown baselines {bad}; choose from {list(BASELINES)}")
     if not policies:
         raise ValueError("policies must name at least one policy")
+    for pname, policy in policies.items():
+        check_policy(policy, f"policies[{pname!r}]")
     if truth_steps is not None and (not isinstance(truth_steps, int) or truth_steps < 1):
         raise ValueError(f"truth_steps must be a positive int or None, got {truth_steps!r}")
     greedy_for = list(policies) if greedy_for is None else list(greedy_for)
@@ -196,7 +206,7 @@ def evaluate(
             return out, time.perf_counter() - t0
 
         for name in samplers:
-            sample = SAMPLERS[name]
+            sample = entries[name].sample
             bar.set_description(f"evaluate {name}")
             x = noise * sigmas[0]
             (ref, rep), sec = timed(sample, model, x, sigmas, extra_args, disable=True)
@@ -231,7 +241,7 @@ def evaluate(
                 if "random" in baselines:
                     replay("random", np.stack([random_mask(steps, int(kb), rng) for kb in k]))
                 if "greedy" in baselines and pname in greedy_for:
-                    warmup = getattr(policy, "warmup", 4)
+                    warmup = policy.warmup if policy.warmup > 1 else 4  # at least the rule's warm-up
                     t0 = time.perf_counter()
                     gmask, spent = greedy_masks(sample, model, x, sigmas, np.maximum(k, warmup), ref, extra_args, warmup)
                     greedy_cost += spent

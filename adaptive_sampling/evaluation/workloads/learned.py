@@ -29,7 +29,7 @@ class-correct at 3) but makes trajectories more sensitive to skipped steps: a fe
 jump to another shape.
 
     from adaptive_sampling import get_sigmas_karras, sample_dpmpp_2m
-    from adaptive_sampling.workloads.learned import cfg_denoiser, load_pretrained
+    from adaptive_sampling.evaluation.workloads.learned import cfg_denoiser, load_pretrained
 
     guided = cfg_denoiser(load_pretrained(), cond_scale=2.0)
     sigmas = get_sigmas_karras(50, 0.002, 20.0)

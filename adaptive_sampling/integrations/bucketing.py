@@ -8,11 +8,11 @@ one per possible sub-batch size. Bucketing pads a sub-batch of ``n`` rows up to 
 first ``n`` output rows; the padded rows' outputs are discarded. The model then only ever sees
 bucket sizes (e.g. 1, 2, 4, 8 for a batch of 8 instead of 1..8).
 
-    from adaptive_sampling.bucketing import bucketed
+    from adaptive_sampling.integrations.bucketing import bucketed
     model = bucketed(torch.compile(denoiser, dynamic=False), batch=8)   # buckets 1, 2, 4, 8
     x, report = sample_dpmpp_2m(model, x, sigmas, extra_args=..., skip=ThirdOrder())
 
-and for a diffusers pipeline ``adaptive_sampling.diffusers.apply(pipe, skip=..., pad_to="pow2")``
+and for a diffusers pipeline ``adaptive_sampling.integrations.diffusers.apply(pipe, skip=..., pad_to="pow2")``
 pads the UNet's sub-batch calls the same way (per prompt: both CFG halves alike).
 
 What is padded: ``x``, ``sigma`` and every tensor in ``extra_args`` whose first dimension is the
@@ -23,7 +23,7 @@ so no NaN or garbage enters the model. The computed rows' outputs are the model'
 those rows in a larger batch: equal to the unpadded call up to the batch-size dependence of the
 model's round-off (tests/test_bucketing.py: a float64 MLP within 4e-16 relative over a whole run,
 a tiny float32 diffusers UNet bit-identical on the CPU; GPU kernels may change with the batch size,
-about 1e-6 per float32 call, SPEC.md). NFE and the
+about 1e-6 per float32 call). NFE and the
 report are unchanged (they count sampler calls and rows that compute, not padding); padding costs
 the padded rows' compute, which on a GPU is often close to free below the size where the model
 saturates the device (bench/gpu_e2e.py measures it).
@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .runner import slice_rows
+from ..runner import slice_rows
 
 __all__ = ["bucketed", "Bucketed", "bucket_sizes", "bucket_size", "pad_index", "padded_rows", "check_pad_to"]
 
@@ -145,11 +145,11 @@ def bucketed(model: Callable[..., torch.Tensor], sizes: Any = "pow2", *, batch: 
     """Wrap a denoiser so every call is padded to a bucket size (see the module docstring).
 
     model: ``model(x, sigma, **extra_args) -> denoised`` (a library denoiser, a k-diffusion model
-        wrapper, ``adaptive_sampling.diffusers.denoiser(...)``, possibly ``torch.compile``-d).
+        wrapper, ``adaptive_sampling.integrations.diffusers.denoiser(...)``, possibly ``torch.compile``-d).
     sizes: ``"pow2"`` or a list of positive ints.
     batch: the full batch size; caps the buckets at it (a full-batch call is then never padded).
 
-    Works with the library samplers and ``adaptive_sampling.k_diffusion.adaptive(...)``: they call
+    Works with the library samplers and ``adaptive_sampling.integrations.k_diffusion.adaptive(...)``: they call
     the model on the computing rows only, and the wrapper pads that sub-batch.
     """
     if not callable(model):

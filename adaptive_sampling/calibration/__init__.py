@@ -1,0 +1,12 @@
+"""Calibration: search skip schedules (or shorter grids) offline on a few samples, then fix them.
+
+* ``greedy``: the greedy optimal path (drop the call whose removal moves the output least, one
+  at a time), per sample or shared over a calibration set, with nested masks for every K;
+* ``search``: ``calibrate`` / ``calibration_path``, which turn greedy paths over calibration
+  samples into a ``Calibrated`` schedule or a K-point grid.
+"""
+
+from .greedy import GreedyPath, greedy_masks, greedy_path
+from .search import AGGREGATES, DEFAULT_REUSE, CalibrationPath, calibrate, calibration_path
+
+__all__ = ["calibrate", "calibration_path", "CalibrationPath", "AGGREGATES", "DEFAULT_REUSE", "greedy_path", "greedy_masks", "GreedyPath"]
