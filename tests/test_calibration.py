@@ -102,11 +102,11 @@ def test_frequency_keeps_the_steps_most_samples_keep():
 
 def test_the_mean_error_path_is_nested_and_matches_calibrate():
     model, sigmas, x, extra = _gaussian_case()
-    path = calibration_path(model, "dpmpp_2m", sigmas, x, extra, min_calls=6, disable=True)
+    path = calibration_path(model, "dpmpp_2m", sigmas, x, extra, min_calls=6, disable=True, method="greedy")
     masks = [path.mask(k) for k in range(6, 17)]
     for small, big in zip(masks, masks[1:]):
         assert (big | small == big).all() and big.sum() == small.sum() + 1
-    direct = calibrate(model, "dpmpp_2m", sigmas, x, extra, nfe=9, disable=True)
+    direct = calibrate(model, "dpmpp_2m", sigmas, x, extra, nfe=9, disable=True, method="greedy")
     assert (direct.mask == path.mask(9)).all()
 
 
@@ -247,8 +247,12 @@ def test_bad_calibration_arguments_name_the_argument(kwargs, match):
 
 def test_a_seconds_budget_still_gives_k_calls():
     model, sigmas, x, extra = _gaussian_case()
-    policy = calibrate(model, "euler", sigmas, x, extra, nfe=6, seconds=1e-9, disable=True)
+    policy = calibrate(model, "euler", sigmas, x, extra, nfe=6, seconds=1e-9, disable=True, method="greedy")
     assert policy.calls == 6 and policy.provenance["exact_rounds"] == 1
+    full = calibrate(model, "euler", sigmas, x, extra, nfe=6, disable=True, method="proxy")
+    short = calibrate(model, "euler", sigmas, x, extra, nfe=6, seconds=1e-9, disable=True, method="proxy")
+    assert short.calls == full.calls == 6
+    assert short.provenance["full_run_equivalents"] == 2.0 < full.provenance["full_run_equivalents"]  # the full run + one round
 
 
 @pytest.mark.parametrize(

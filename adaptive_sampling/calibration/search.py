@@ -44,8 +44,9 @@ from ..policies.reuse import Copy, Extrapolate, Reuse, make_reuse, reuse_to_dict
 from ..progress import Bar
 from ..samplers.registry import get_sampler
 from .greedy import GreedyPath, greedy_path
+from .proxy import proxy_path
 
-__all__ = ["calibrate", "calibration_path", "CalibrationPath", "AGGREGATES", "DEFAULT_REUSE"]
+__all__ = ["calibrate", "calibration_path", "CalibrationPath", "AGGREGATES", "METHODS", "DEFAULT_REUSE"]
 
 AGGREGATES = ("mean_error", "frequency")
 # What skipped calls get in a calibrated schedule unless told otherwise: the linear eps forecast,
@@ -114,6 +115,8 @@ def calibration_path(
     warmup: int = 4,
     seconds: float | None = None,
     disable: bool | None = None,
+    method: str | None = None,
+    iterations: int = 3,
 ) -> CalibrationPath:
     """Run the calibration search once, down to ``min_calls`` calls per sample (see ``calibrate``)."""
     entry = get_sampler(sampler, runnable=True)
@@ -130,17 +133,28 @@ def calibration_path(
     check_int("warmup", warmup, 1, n)
     check_int("min_calls", min_calls, warmup, n)
     make_reuse(reuse)
+    method = _method(method, merge_skipped, aggregate, reuse)
+    check_int("iterations", iterations, 0)
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0):
+        raise ValueError(f"seconds must be > 0 or None, got {seconds!r}")
     sample = entry.sample
     kwargs = {"merge_skipped": True} if merge_skipped else {}
     started = time.perf_counter()
-    reference, _ = sample(model, x, sigmas, extra_args, disable=True)
-    rounds = n - min_calls
-    with Bar(rounds, f"calibrate {sampler}", disable) as bar:
-        path = greedy_path(sample, model, x, sigmas, reference, min_calls, extra_args, warmup=warmup,
-                           shared=aggregate == "mean_error", reuse=reuse, sampler_kwargs=kwargs,
-                           seconds=seconds, progress=bar.update)  # fmt: skip
+    if method == "proxy":
+        with Bar(iterations + 1, f"calibrate {sampler} (proxy)", disable) as bar:  # + the full run first
+            path, _ = proxy_path(sample, model, x, sigmas, min_calls, extra_args, warmup=warmup, reuse=reuse,
+                                 convention=entry.convention, iterations=iterations, progress=bar.update,
+                                 seconds=seconds)  # fmt: skip
+    else:
+        reference, _ = sample(model, x, sigmas, extra_args, disable=True)
+        with Bar(n - min_calls, f"calibrate {sampler} (greedy)", disable) as bar:
+            path = greedy_path(sample, model, x, sigmas, reference, min_calls, extra_args, warmup=warmup,
+                               shared=aggregate == "mean_error", reuse=reuse, sampler_kwargs=kwargs,
+                               seconds=seconds, progress=bar.update)  # fmt: skip
+        path.evaluations += int(x.shape[0]) * n  # the reference run
     provenance = {
         "sampler": sampler,
+        "method": method,
         "aggregate": aggregate,
         "calibration_samples": int(x.shape[0]),
         "steps": n,
@@ -148,10 +162,33 @@ def calibration_path(
         "reuse": reuse_to_dict(reuse),
         "merge_skipped": merge_skipped,
         "model_row_evaluations": int(path.evaluations),
+        "full_run_equivalents": round(path.evaluations / (int(x.shape[0]) * n), 2),
         "seconds": round(time.perf_counter() - started, 3),
         "exact_rounds": int(min(path.exact)),
     }
     return CalibrationPath(torch.as_tensor(sigmas), sampler, reuse, merge_skipped, aggregate, path, provenance)
+
+
+METHODS = ("proxy", "greedy")
+
+
+def _method(method: str | None, merge_skipped: bool, aggregate: str, reuse) -> str:
+    """The search: ``proxy`` (a few runs) where it models the setting, else ``greedy``."""
+    from ..policies.reuse import Extrapolate
+
+    r = make_reuse(reuse)
+    proxy_ok = (not merge_skipped and aggregate == "mean_error"
+                and (isinstance(r, Copy) or (isinstance(r, Extrapolate) and r.order == 1 and r.variable == "log_sigma")))  # fmt: skip
+    if method is None:
+        return "proxy" if proxy_ok else "greedy"
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} or None, got {method!r}")
+    if method == "proxy" and not proxy_ok:
+        raise ValueError(
+            "method='proxy' models the mean-error aggregate with reuse='copy' or Extrapolate(1) in log sigma, without "
+            "merge_skipped; use method='greedy' for this setting"
+        )
+    return method
 
 
 def calibrate(
@@ -169,6 +206,8 @@ def calibrate(
     warmup: int = 4,
     seconds: float | None = None,
     disable: bool | None = None,
+    method: str | None = None,
+    iterations: int = 3,
 ) -> Calibrated | torch.Tensor:
     """A skip schedule with ``nfe`` calls per sample, searched on the calibration latents ``x``.
 
@@ -184,15 +223,21 @@ def calibrate(
     aggregate: ``"mean_error"`` or ``"frequency"`` (module docstring).
     as_grid: return the ``nfe``-point sub-grid (a tensor of nfe + 1 sigmas) for sampling with no
         skipping (Euler / DDIM: searched with copied eps; DPM-Solver++: with ``merge_skipped``).
-    warmup: the first calls, never dropped. seconds: a wall-clock budget for the search; once
-        spent, the remaining calls are dropped in the order of the last round's costs (the
-        provenance's ``exact_rounds`` says how many rounds ran in full).
+    warmup: the first calls, never dropped. seconds: a wall-clock budget. Greedy: once spent, the
+        remaining calls are dropped in the order of the last round's costs (the provenance's
+        ``exact_rounds`` says how many rounds ran in full). Proxy: no refinement round starts after
+        it (the full run and the first round always run: 2 sampling runs).
+    method: ``"proxy"`` (``calibration/proxy.py``: greedy on a measured error proxy, ``iterations + 2``
+        sampling runs of the calibration batch), ``"greedy"`` (the exact greedy search, hundreds of
+        runs), or None: proxy wherever it applies (the mean-error aggregate, copy or Extrapolate(1)
+        reuse, no merge mode), greedy otherwise (a DPM-Solver++ grid, ``aggregate="frequency"``).
 
-    Cost: the full-step run of the calibration samples, then one batched sampler call per round
-    (N - nfe rounds), each running every candidate drop of every sample with trajectory prefixes
-    shared. About ``B N (N - nfe) (N + nfe - 2 warmup) / 4`` model row-evaluations for B samples:
-    about 23,000 per sample for N = 50, nfe = 20 (a 50-step sampling run is 50), e.g. 1.5 s per
-    sample on the 1M-parameter digits MLP and minutes per sample on a small UNet on a CPU.
+    Cost: proxy, ``iterations + 2`` sampling runs' worth of calls (5 by default, whatever N and
+    nfe). Greedy: the full-step run of the calibration samples, then one batched sampler call per
+    round (N - nfe rounds), each running every candidate drop of every sample with trajectory
+    prefixes shared: about ``B N (N - nfe) (N + nfe - 2 warmup) / 4`` model row-evaluations for B
+    samples, about 23,000 per sample for N = 50, nfe = 20 (460 runs' worth). The provenance
+    records the calls spent (``full_run_equivalents``).
     Returns a ``Calibrated`` policy (``policy.save(path)``) or, with ``as_grid``, the grid.
     """
     if not isinstance(as_grid, bool):
@@ -214,5 +259,6 @@ def calibrate(
     elif reuse is None:
         reuse = DEFAULT_REUSE
     path = calibration_path(model, sampler, sigmas, x, extra_args, min_calls=nfe, reuse=reuse, merge_skipped=merge_skipped,
-                            aggregate=aggregate, warmup=warmup, seconds=seconds, disable=disable)  # fmt: skip
+                            aggregate=aggregate, warmup=warmup, seconds=seconds, disable=disable, method=method,
+                            iterations=iterations)  # fmt: skip
     return path.grid(nfe) if as_grid else path.policy(nfe)
