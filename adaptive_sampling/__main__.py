@@ -1,6 +1,7 @@
 """The command line: ``python -m adaptive_sampling <command> [options]`` (also ``adaptive-sampling``).
 
-* ``demo``: the main demo on a shipped learned model (``evaluation.demo``).
+* ``demo``: the main demo on a shipped learned model (``evaluation.demo``);
+* ``tune``: calibrate, compare and get the verdict on your own diffusers pipeline (``evaluation.tune_cli``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import sys
 
 COMMANDS = {
     "demo": ("adaptive_sampling.evaluation.demo", "is skipping worth it? every policy against every baseline on a shipped model"),
+    "tune": ("adaptive_sampling.evaluation.tune_cli", "calibrate, compare and get the verdict on your own diffusers pipeline"),
 }
 
 

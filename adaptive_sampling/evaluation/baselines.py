@@ -47,15 +47,15 @@ def fewer_steps(
     extra_args: dict | None = None,
 ) -> torch.Tensor:
     """Sample row b on a ``steps[b]``-step grid ``schedule(steps[b])``, every step computed, from
-    ``noise[b] * sigma_max`` of that grid: the "fewer steps" baseline at a per-sample NFE. Rows
-    with the same K run as one batch."""
+    ``noise[b] * sigma_max`` of that grid (a flow grid starts at s = 1: the noise itself): the
+    "fewer steps" baseline at a per-sample NFE. Rows with the same K run as one batch."""
     steps = np.asarray(steps)
     extra_args = extra_args or {}
     out = None
     for k in np.unique(steps):
         rows = torch.from_numpy(np.flatnonzero(steps == k))
         grid = schedule(int(k))
-        part, _ = sample(model, noise[rows] * grid[0], grid, slice_rows(extra_args, rows, len(steps)), disable=True)
+        part, _ = sample(model, noise[rows] * grid[0], grid, slice_rows(extra_args, rows, len(steps)), disable=True)  # s0 = 1: noise
         out = part.new_empty((len(steps), *part.shape[1:])) if out is None else out
         out[rows.to(out.device)] = part
     return out

@@ -46,7 +46,6 @@ import torch
 from ..calibration.greedy import greedy_masks
 from ..policies import FixedMask, SkipPolicy, check_policy
 from ..progress import Bar
-from ..samplers import sample_dpmpp_2m
 from ..samplers.registry import get_sampler, registered, sampler_names
 from .baselines import fewer_steps, random_mask, uniform_mask
 from .metrics import max_abs_error, psnr, ssim
@@ -120,6 +119,11 @@ class Evaluation:
         return "\n".join(lines)
 
 
+def _start(noise: torch.Tensor, sigmas: torch.Tensor, conventions: set) -> torch.Tensor:
+    """The starting latent from unit noise: noise * sigma_max (VE), the noise itself (flow)."""
+    return noise if conventions == {"flow"} else noise * sigmas[0]
+
+
 def _association(policy_mask: np.ndarray, greedy: np.ndarray, warmup: int) -> Association:
     from scipy.stats import chi2_contingency
 
@@ -163,6 +167,11 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown samplers {unknown}; choose from {sampler_names(runnable=True)} (samplers with a library loop)")
     entries = {name: get_sampler(name, runnable=True) for name in samplers}
+    conventions = {e.convention for e in entries.values()}
+    if len(conventions) > 1:
+        raise ValueError(f"samplers mix model conventions ({sorted(conventions)}): one model has one convention")
+    # the fast solver of the model's convention: the DPM-Solver++(2M) baselines and the ODE truth
+    dpm = get_sampler("flow_dpmpp_2m" if conventions == {"flow"} else "dpmpp_2m").sample
     bad = [b for b in baselines if b not in BASELINES]
     if bad:
         raise ValueError(f"unknown baselines {bad}; choose from {list(BASELINES)}")
@@ -188,7 +197,7 @@ def evaluate(
     truth = None
     if truth_steps is not None:
         fine = schedule(truth_steps)
-        truth, _ = sample_dpmpp_2m(model, noise * fine[0], fine, extra_args, disable=True)
+        truth, _ = dpm(model, _start(noise, fine, conventions), fine, extra_args, disable=True)
 
     with Bar(tasks, "evaluate", disable) as bar:
 
@@ -208,7 +217,7 @@ def evaluate(
         for name in samplers:
             sample = entries[name].sample
             bar.set_description(f"evaluate {name}")
-            x = noise * sigmas[0]
+            x = _start(noise, sigmas, conventions)
             (ref, rep), sec = timed(sample, model, x, sigmas, extra_args, disable=True)
             references[name] = ref
             measure(name, "full", "", rep.nfe, ref, sec)
@@ -231,11 +240,11 @@ def evaluate(
                     measure(name, "fewer_steps", pname, k, out, sec)
                     bar.update()
                 if "dpmpp_2m_steps" in baselines:
-                    out, sec = timed(fewer_steps, sample_dpmpp_2m, model, noise, schedule, k, extra_args)
+                    out, sec = timed(fewer_steps, dpm, model, noise, schedule, k, extra_args)
                     measure(name, "dpmpp_2m_steps", pname, k, out, sec)
                     bar.update()
                 if "dpmpp_2m_grid" in baselines:
-                    out, sec = timed(fewer_steps, sample_dpmpp_2m, model, noise, grid_for, k, extra_args)
+                    out, sec = timed(fewer_steps, dpm, model, noise, grid_for, k, extra_args)
                     measure(name, "dpmpp_2m_grid", pname, k, out, sec)
                     bar.update()
                 if "random" in baselines:
