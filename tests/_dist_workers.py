@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from adaptive_sampling import Budget, FixedMask, LocalError, ThirdOrder, get_sigmas_karras, sample_dpmpp_2m, sample_euler
+from adaptive_sampling import Budget, FixedMask, LocalError, Paced, ThirdOrder, get_sigmas_karras, sample_dpmpp_2m, sample_euler
 from adaptive_sampling.evaluation.workloads.gaussian import GaussianWorkload
 
 from ._third_party import RelativeChange
@@ -106,6 +106,9 @@ def cases(world: int) -> list[Case]:
         Case("dp-batch-ref-torch", "dp", "dpmpp_2m", lambda: ThirdOrder(**ref, per_sample=False, backend="torch")),
         Case("dp-batch-paper-torch", "dp", "dpmpp_2m", lambda: ThirdOrder(**paper, per_sample=False, backend="torch"), f32),
         Case("dp-batch-localerror", "dp", "euler", lambda: LocalError(tol=0.01, per_sample=False), f32),
+        # the default policy: its aligned re-plan is one vote of the whole batch, pooled over the group
+        Case("dp-paced", "dp", "euler", lambda: Paced(nfe=9, lead=4, window=3), f32),
+        Case("shard-paced", "shard", "dpmpp_2m", lambda: Paced(nfe=9, lead=4, window=3), f32),
     ]
     if world == 2:  # Triton's other paths, and the k-diffusion wrapper (its import is slow: once)
         out += [

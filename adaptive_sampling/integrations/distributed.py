@@ -180,10 +180,14 @@ class Collective:
 def _attach(controller, policy, what: str, x, num_steps: int, group, sharded: bool, pooled: bool):
     """Hand ``controller`` its ``Collective`` (``Controller.use_collective`` raises for a controller
     that cannot take one, on every process, before any collective runs)."""
-    try:
-        controller.use_collective(Collective(x, num_steps, group, sharded=sharded, pooled=pooled))
-    except ValueError as e:
-        raise ValueError(f"{what}: the controller of {policy!r}: {e}") from None
+    from ..policies.base import Controller
+
+    if type(controller).use_collective is Controller.use_collective:  # checked before any collective runs
+        try:
+            controller.use_collective(None)
+        except ValueError as e:
+            raise ValueError(f"{what}: the controller of {policy!r}: {e}") from None
+    controller.use_collective(Collective(x, num_steps, group, sharded=sharded, pooled=pooled))
     return controller
 
 

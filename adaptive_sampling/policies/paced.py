@@ -75,7 +75,8 @@ class Paced(SkipPolicy):
     tail: steps computed at the end when a row re-plans (>= 0).
     lead: how many steps before the end the re-plan decision is taken (>= 1).
     window: the steps whose mean estimate is compared with the mean of the ``window`` before (>= 1).
-    ratio: re-plan when recent >= ratio * before (the estimate has not fallen by more than that).
+    ratio: re-plan when recent >= ratio * before (the estimate has not fallen by more than that);
+        0: always re-plan (a fixed tail), ``math.inf``: never (uniform stride with the forecast).
     reuse: what a skipped call gets (default ``Extrapolate(1)``).
     align: the batch decides the re-plan together (majority), so all rows share one mask.
     max_speedup: refuse budgets below N / max_speedup calls (None: any budget >= 1).
@@ -105,7 +106,8 @@ class Paced(SkipPolicy):
         check_int("tail", self.tail, 0)
         check_int("lead", self.lead, 1)
         check_int("window", self.window, 1)
-        check_number("ratio", self.ratio, 0.0)
+        if not (isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool) and self.ratio == math.inf):
+            check_number("ratio", self.ratio, 0.0)
         make_reuse(self.reuse)
         if not isinstance(self.align, bool):
             raise ValueError(f"align must be a bool, got {self.align!r}")
@@ -117,6 +119,12 @@ class Paced(SkipPolicy):
     @property
     def warmup(self) -> int:  # type: ignore[override]
         return 1
+
+    @property
+    def per_sample(self) -> bool:  # type: ignore[override]
+        """False with ``align``: the re-plan is one decision for the batch (``distributed.data_parallel``
+        then pools the vote over every process's rows)."""
+        return not self.align
 
     def calls_for(self, num_steps: int) -> int:
         """K on a grid of ``num_steps`` steps."""
@@ -133,7 +141,8 @@ class Paced(SkipPolicy):
 
     def __repr__(self) -> str:
         budget = f"nfe={self.nfe}" if self.nfe is not None else f"speedup={self.speedup:g}"
-        return f"Paced({budget})"
+        extra = "" if self.align else ", align=False"
+        return f"Paced({budget}{extra})"
 
 
 class PacedController(Controller):
@@ -149,8 +158,10 @@ class PacedController(Controller):
         self.estimates = np.full((B, num_steps), np.nan)
         self.replanned = np.zeros(B, dtype=bool)
         self.decision_step = num_steps - policy.tail - policy.lead
+        self.collective, self.device = None, x.device
 
     def use_collective(self, collective) -> None:
+        self.collective = collective
         self.scorer.use_collective(collective)
 
     def reuse(self, step: int, sigma: torch.Tensor) -> torch.Tensor:
@@ -181,8 +192,13 @@ class PacedController(Controller):
             recent = np.nanmean(self.estimates[:, step - w + 1 : step + 1], axis=1)
             before = np.nanmean(self.estimates[:, step - 2 * w + 1 : step - w + 1], axis=1)
         rising = ~(recent < self.policy.ratio * before)  # NaN (no estimate): keep the safe tail
-        if self.policy.align:
-            rising = np.full(self.batch, rising.mean() >= 0.5)
+        if self.policy.align:  # the majority of the batch: of every process's rows under data_parallel
+            votes = torch.tensor(np.stack([rising, np.ones(self.batch, dtype=bool)]), dtype=torch.float64, device=self.device)
+            if self.collective is not None:
+                (up, rows), _ = self.collective.batch_sums(votes, step)
+            else:
+                up, rows = votes.sum(dim=1)
+            rising = np.full(self.batch, float(up) >= 0.5 * float(rows))
         now = self.used + (self.used < self.plan[:, step + 1])  # calls after this step's planned decision
         for b in np.flatnonzero(rising):
             left = self.k - int(now[b])
