@@ -31,8 +31,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator
 
+import torch
+
 __all__ = ["Setting", "PeerUnavailable", "peer_settings", "library_settings", "baseline_settings", "magcache_ratios",
-           "cache_dit_patched", "dpmpp_flow_scheduler"]
+           "cache_dit_patched", "dpmpp_flow_scheduler", "measure", "front", "CallCounter"]
 
 
 class PeerUnavailable(RuntimeError):
@@ -173,7 +175,6 @@ def _fbc(threshold: float):
 
 def _taylorseer(interval: int):
     def config(pipe, steps, calibration):
-        import torch
         from diffusers import TaylorSeerCacheConfig
 
         # float32 factors: the bfloat16 default would add its own round-off on a float32 model
@@ -341,3 +342,62 @@ def baseline_settings(nfe: tuple[int, ...]) -> list[Setting]:
     out += [Setting(f"DPM-Solver++(2M), {k} steps", "DPM-Solver++ steps", "baseline", k, _fewer_steps(k, dpmpp_flow_scheduler))
             for k in nfe]  # fmt: skip
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------------
+
+FIRST_LAYERS = ("x_embedder", "pos_embed", "patch_embedding", "img_in", "conv_in", "proj_in")
+
+
+class CallCounter:
+    """Model forwards that really ran and their rows, counted at the transformer's first layer
+    (``x_embedder`` for Flux, ``pos_embed`` for SD3 / PixArt, ``patch_embedding`` for Wan ...): the
+    library's hook replaces the transformer's forward, so a pre-hook on the transformer itself would
+    also see the calls it skips; a block cache still runs the first layer (its call counts)."""
+
+    def __init__(self, transformer) -> None:
+        layer = next((getattr(transformer, n) for n in FIRST_LAYERS if isinstance(getattr(transformer, n, None), torch.nn.Module)), None)
+        if layer is None:
+            raise ValueError(f"no first layer among {FIRST_LAYERS} on {type(transformer).__name__}")
+        self.forwards = self.rows = 0
+        self._handle = layer.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.forwards += 1
+        self.rows += int(args[0].shape[0])
+
+    def reset(self) -> None:
+        self.forwards = self.rows = 0
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def measure(setting: Setting, pipe: Any, run: Callable[[int], Any], steps: int,
+            calibration: Callable[[], Any] | None = None) -> tuple[Any, dict]:  # fmt: skip
+    """``run(steps)`` with ``setting`` switched on: its output and the compute it took, the same way for
+    every method: ``flops`` of everything that ran (``torch.utils.flop_counter``, attention through
+    the math SDPA backend so that it is counted: the fused CPU kernel counts 0), ``forwards`` and
+    ``rows`` of the transformer (``CallCounter``). Work outside matmuls (cache bookkeeping, forecasts)
+    is not counted by torch."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = CallCounter(pipe.transformer)
+    try:
+        with setting.applied(pipe, steps, calibration) as n:
+            counter.reset()  # MagCache's calibration run happened inside applied()
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+                out = run(n)
+    finally:
+        counter.close()
+    return out, {"flops": int(fc.get_total_flops()), "forwards": counter.forwards, "rows": counter.rows}
+
+
+def front(points: list[tuple[float, float]], at: float) -> float | None:
+    """The best quality a family reaches with compute <= ``at``: ``points`` are (compute, quality);
+    None where no setting of the family is that cheap."""
+    ok = [q for c, q in points if c <= at + 1e-9]
+    return max(ok) if ok else None
