@@ -1,7 +1,7 @@
 """The library against every cache a Flux user can pick, at matched compute, on held-out prompts.
 
-    PYTHONPATH=. python bench/peers.py                     # ~25 min on 2 CPU cores; writes results/peers.{md,jsonl,png}
-    PYTHONPATH=. python bench/peers.py --quick             # 2 prompts, 1 timing round: a smoke run (~3 min)
+    PYTHONPATH=. python bench/peers.py                     # ~30 min on 2 CPU cores; writes results/peers.{md,jsonl,png}
+    PYTHONPATH=. python bench/peers.py --quick --steps 12 --nfe 4 6 --truth-steps 20   # a smoke run (~2 min)
 
 The model: the flow workload (``adaptive_sampling.evaluation.workloads.flow``), a FluxTransformer2DModel
 trained here on the procedural shapes, run through diffusers' real ``FluxPipeline`` with FLUX.1's
@@ -16,8 +16,9 @@ calibrated schedules (proxy search on the calibration prompts), uniform stride a
 ``ThirdOrder()`` through ``adaptive_sampling.integrations.diffusers.apply``; and what a user gets with no
 cache: the same scheduler with K steps, DPM-Solver++(2M) with K steps.
 
-Data: calibration prompts = classes 0-4, seeds 100-101 (only MagCache's ratios and the calibrated
-schedules see them); test prompts = classes 5-9, seeds 0-3 (20 images, batches of 5, one per class).
+Data (the calibration study's splits): calibration prompts = classes 0-4, seeds 1-2 (MagCache's ratios
+come from one pipeline call on seed 1's batch, the calibrated schedules from both); test prompts =
+classes 5-9 cycled to batches of 8, seeds 0, 3, 4 (24 images, never used to choose anything).
 
 Measured per setting, on the test prompts:
 * compute: FLOPs of the whole pipeline call (``torch.utils.flop_counter``, attention through the math
@@ -25,8 +26,9 @@ Measured per setting, on the test prompts:
   caches slightly), as a fraction of the N-step uncached call; transformer forwards and rows;
 * quality: PSNR of the decoded images against (a) the ODE solution (DPM-Solver++(2M), ``--truth-steps``
   steps; its distance to twice as many steps is printed) and (b) the N-step uncached output of the same
-  noise (what a cache tries to keep); median and 10th percentile over images; the shapes classifier's
-  accuracy on the outputs;
+  noise (what a cache tries to keep); median, 10th and 90th percentile over the images (the spread of
+  batch-wide decisions, the peers', against per-prompt ones, ours, at batch 8); the shapes
+  classifier's accuracy on the outputs;
 * wall clock: one test batch per setting, ``--repeats`` interleaved rounds in a shuffled order, median,
   as a ratio to the uncached N-step call timed in the same rounds (default SDPA backend, ``--threads``).
 """
@@ -60,16 +62,19 @@ from adaptive_sampling.evaluation.metrics import psnr  # noqa: E402
 from adaptive_sampling.evaluation.workloads import flow, shapes  # noqa: E402
 from adaptive_sampling.progress import Bar  # noqa: E402
 
-CAL_CLASSES, CAL_SEEDS = range(0, 5), (100, 101)
-TEST_CLASSES, TEST_SEEDS = range(5, 10), (0, 1, 2, 3)
+torch.set_grad_enabled(False)
+
+CAL_CLASSES, CAL_SEEDS = (0, 1, 2, 3, 4), (1, 2)
+TEST_CLASSES, TEST_SEEDS = (5, 6, 7, 8, 9, 5, 6, 7), (0, 3, 4)  # batches of 8: classes 5-9 cycled
+FRACTIONS = (0.35, 0.5, 0.7)  # compute fractions the summary compares the fronts at
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=28, help="N, the pipeline's steps (28: FLUX.1-dev's default)")
-    p.add_argument("--nfe", type=int, nargs="+", default=[8, 11, 14, 20], help="call budgets K for the library and baselines")
+    p.add_argument("--steps", type=int, default=50, help="N, the pipeline's steps")
+    p.add_argument("--nfe", type=int, nargs="+", default=[12, 18, 25, 35], help="call budgets K for the library and baselines")
     p.add_argument("--guidance", type=float, default=None, help="true_cfg_scale (default: the checkpoint's recommended)")
-    p.add_argument("--truth-steps", type=int, default=100)
+    p.add_argument("--truth-steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="2 test prompts, 1 calibration prompt, 1 timing round")
@@ -79,9 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def noise(classes, seed: int) -> torch.Tensor:
-    """Packed pipeline noise [len(classes), 64, 48], one generator per (class, seed)."""
+    """Packed pipeline noise [len(classes), 64, 48], one generator per (position in the batch, seed)."""
     shape = (flow.image_seq_len(), flow.LATENT_SHAPE[0] * 4)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1000 + c)) for c in classes])
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1000 + i)) for i in range(len(classes))])
 
 
 class Batches:
@@ -104,38 +109,6 @@ class Batches:
 
     def run_all(self, steps: int) -> torch.Tensor:
         return torch.cat([self.call(i, steps) for i in range(len(self))])
-
-
-class Counter:
-    """Transformer forwards that ran and their rows, counted at the first layer (``x_embedder``): the library's
-    hook replaces the transformer's forward, so the transformer's own pre-hooks also see skipped calls."""
-
-    def __init__(self, transformer):
-        self.forwards = self.rows = 0
-        self.handle = transformer.x_embedder.register_forward_pre_hook(self._count)
-
-    def _count(self, module, args):
-        self.forwards += 1
-        self.rows += int(args[0].shape[0])
-
-    def close(self):
-        self.handle.remove()
-
-
-def measure(setting, batches: Batches, steps: int, calibration) -> tuple[torch.Tensor, dict]:
-    """Outputs on all test batches, FLOPs (math SDPA), transformer forwards and rows."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = Counter(batches.pipe.transformer)
-    try:
-        with setting.applied(batches.pipe, steps, calibration) as n:
-            counter.forwards = counter.rows = 0  # MagCache's calibration ran inside applied()
-            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
-                out = batches.run_all(n)
-    finally:
-        counter.close()
-    return out, {"flops": int(fc.get_total_flops()), "forwards": counter.forwards, "rows": counter.rows}
 
 
 def main(argv=None) -> int:
@@ -192,7 +165,7 @@ def main(argv=None) -> int:
             row = {"name": s.name, "family": s.family, "library": s.library, "knob": s.knob}
             use(s)
             try:
-                out, counts = measure(s, test, N, calibration)
+                out, counts = peers.measure(s, test.pipe, test.run_all, N, calibration)
             except Exception as e:  # a peer that fails on this model is a result, reported as such
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 rows.append(row)
@@ -206,7 +179,8 @@ def main(argv=None) -> int:
             acc = float((classifier(img.clamp(-1, 1)).argmax(1) == labels).float().mean())
             row.update(counts, flops_frac=counts["flops"] / base["flops"], calls_per_image=counts["rows"] / len(labels) / 2,
                        psnr_truth=float(np.median(p_truth)), psnr_truth_p10=float(np.percentile(p_truth, 10)),
-                       psnr_ref=float(np.median(p_ref)), psnr_ref_p10=float(np.percentile(p_ref, 10)), accuracy=acc,
+                       psnr_truth_p90=float(np.percentile(p_truth, 90)), psnr_ref=float(np.median(p_ref)),
+                       psnr_ref_p10=float(np.percentile(p_ref, 10)), psnr_ref_p90=float(np.percentile(p_ref, 90)), accuracy=acc,
                        finite=bool(torch.isfinite(out).all()))  # fmt: skip
             rows.append(row)
             bar.update(1)
@@ -272,25 +246,60 @@ def _version(name: str) -> str:
 
 
 def report(rows: list[dict], meta: dict) -> str:
+    ok = [r for r in rows if "error" not in r]
     lines = [
-        f"Measured {meta['date']} on {meta['machine']} (commit {meta['commit']}), Python {meta['python']}, torch {meta['torch']},"
+        "# The library against the peer caches on a flow transformer",
+        "",
+        f"Measured {meta['date']} on {meta['machine']} (CPU; commit {meta['commit']}), Python {meta['python']}, torch {meta['torch']},"
         f" diffusers {meta['diffusers']}, cache-dit {meta['cache_dit']}; `{meta['command']}` ({meta['wall_minutes']:.0f} min).",
         "",
-        f"Flow workload through FluxPipeline, N = {meta['steps']} steps, true_cfg_scale {meta['guidance']:g}, {meta['test_images']}"
-        f" held-out images (classes 5-9). Truth: DPM-Solver++(2M) {meta['truth_steps']} steps (PSNR to twice as many steps:"
-        f" {meta['truth_psnr_to_double']:.1f} dB). Calibrated schedules: {meta['calibration_seconds']:.0f} s for all budgets.",
+        f"The flow workload (a FluxTransformer2DModel trained here, 3.4M parameters) through diffusers' FluxPipeline, N = {meta['steps']}"
+        f" steps of FlowMatchEulerDiscreteScheduler, true CFG {meta['guidance']:g}, {meta['test_images']} held-out images (classes 5-9,"
+        f" seeds 0, 3, 4, batches of 8). Truth: DPM-Solver++(2M) with {meta['truth_steps']} steps (PSNR to twice as many steps:"
+        f" {meta['truth_psnr_to_double']:.1f} dB). Calibrated schedules: proxy search on the calibration prompts (classes 0-4,"
+        f" seeds 1-2), {meta['calibration_seconds']:.0f} s for all budgets. Compute: FLOPs of the whole pipeline call as a share of"
+        " the uncached N-step call (the same count for every method).",
         "",
-        "| method | library | FLOPs | calls/image | wall-clock speed-up | PSNR vs truth (median / p10) | PSNR vs N-step (median / p10) | accuracy |",
-        "|---|---|---|---|---|---|---|---|",
+        "## Who is best at a given compute",
+        "",
+        "Each family's best median PSNR among its settings with FLOPs <= the fraction (its front); '-' = none of its settings is"
+        " that cheap.",
+        "",
+    ]
+    families = []
+    for r in ok:
+        if r["family"] not in families and r["family"] != "no cache":
+            families.append(r["family"])
+    for ref, key in (("the ODE truth", "psnr_truth"), (f"the uncached {meta['steps']}-step output", "psnr_ref")):
+        lines += [f"Against {ref}:", "", "| family | library | " + " | ".join(f"<= {f:.0%}" for f in FRACTIONS) + " |",
+                  "|---|---|" + "---:|" * len(FRACTIONS)]  # fmt: skip
+        best = {f: max(((peers.front([(r["flops_frac"], r[key]) for r in ok if r["family"] == fam], f) or -1e9), fam)
+                       for fam in families) for f in FRACTIONS}  # fmt: skip
+        for fam in families:
+            lib = next(r["library"] for r in ok if r["family"] == fam)
+            cells = []
+            for f in FRACTIONS:
+                v = peers.front([(r["flops_frac"], r[key]) for r in ok if r["family"] == fam], f)
+                cells.append("-" if v is None else (f"**{min(v, 100):.1f}**" if best[f][1] == fam else f"{min(v, 100):.1f}"))
+            lines.append(f"| {fam} | {lib} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "## Every setting",
+        "",
+        "| method | library | FLOPs | calls/image | wall-clock speed-up | PSNR vs truth (median / p10 / p90) | PSNR vs N-step (median / p10 / p90) | accuracy |",
+        "|---|---|---:|---:|---:|---|---|---:|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['name']} | {r['library']} | fails: `{r['error']}` | | | | | |")
             continue
+        ref = "identical" if r["psnr_ref"] >= 100 else f"{r['psnr_ref']:.1f} / {r['psnr_ref_p10']:.1f} / {r['psnr_ref_p90']:.1f}"
         lines.append(f"| {r['name']} | {r['library']} | {r['flops_frac']:.0%} | {r['calls_per_image']:.1f} | {r.get('speedup', float('nan')):.2f}x |"
-                     f" {r['psnr_truth']:.1f} / {r['psnr_truth_p10']:.1f} | {r['psnr_ref']:.1f} / {r['psnr_ref_p10']:.1f} | {r['accuracy']:.0%} |")  # fmt: skip
-    lines += ["", "FLOPs: of the whole pipeline call, as a share of the uncached N-step call; calls/image: transformer rows per image"
-              " per CFG branch (a cache that runs part of the blocks still counts the call). PSNR in dB on decoded images."]  # fmt: skip
+                     f" {r['psnr_truth']:.1f} / {r['psnr_truth_p10']:.1f} / {r['psnr_truth_p90']:.1f} | {ref} | {r['accuracy']:.0%} |")  # fmt: skip
+    lines += ["", "calls/image: transformer forwards that ran per image and CFG branch (a block cache that runs only its first"
+              " blocks still counts the call; its saving is in the FLOPs). p10 / p90: 10th / 90th percentile over the images."
+              f" Wall clock: one batch of 8 per setting, {meta['repeats']} interleaved rounds in shuffled order, median, ratio to the"
+              " uncached call timed in the same rounds, default SDPA backend. accuracy: the shapes classifier on the outputs."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -319,6 +328,8 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     axes[0].set_title("quality vs the ODE solution")
     axes[1].set_title(f"closeness to the uncached {meta['steps']}-step output (capped at 60 dB)")
     for ax in axes:
+        for f in FRACTIONS:
+            ax.axvline(f, color="0.8", lw=0.8, zorder=0)
         ax.set_xlabel("FLOPs, share of the uncached N-step call")
         ax.set_ylabel("median PSNR (dB)")
         ax.grid(alpha=0.3)

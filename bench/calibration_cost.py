@@ -1,0 +1,132 @@
+"""What a calibrated schedule costs and what it is worth: the proxy search (the default) against the greedy search.
+
+    python bench/calibration_cost.py [--workloads digits shapes flow] [--quick]      # ~40 min here; results/calibration_cost.md
+
+Per learned workload (digits MLP, Karras grid; shapes UNet, SD's leading DDPM grid; the flow transformer,
+its FluxPipeline grid) and sampler, 50 steps, guidance as in bench/budget_study.py:
+
+* calibrate on the calibration split (classes 0-4, seeds 1-2; shapes and flow: seed 1 only, 5 samples)
+  with ``method="proxy"`` once per K (K = 15, 20, 25, 30) and with ``method="greedy"`` once for every K
+  (``calibration_path``: the greedy path is nested, one search serves all K); model row-evaluations,
+  full-run equivalents (row-evaluations / (samples x N)) and seconds of each;
+* evaluate both schedules on the held-out test split (classes 5-9, seeds 0, 3, 4): PSNR against the
+  50-step output and against the ODE truth (DPM-Solver++ of the model's convention, every interval
+  split in 5), and the better of fewer steps / uniform stride at the same K for scale.
+
+Target (issue 21): the proxy schedule within 1 dB of the greedy one at <= 10 full-run equivalents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from budget_study import CAL, TEST, Case, _commit, workloads  # noqa: E402
+
+from adaptive_sampling import FixedMask, calibrate  # noqa: E402
+from adaptive_sampling.calibration import calibration_path  # noqa: E402
+from adaptive_sampling.evaluation import psnr, uniform_mask  # noqa: E402
+
+KS = (15, 20, 25, 30)
+N = 50
+RESULTS = ROOT / "bench" / "results"
+
+
+def run(wl, sampler: str, quick: bool) -> list[dict]:
+    cal_split = CAL if wl.name == "digits" and not quick else {**CAL, "seeds": CAL["seeds"][:1]}
+    x_noise, y = wl.noise(cal_split)
+    case = Case(wl, TEST, sampler, N)
+    x_cal = x_noise if case.flow else x_noise * case.sigmas[0]
+    rows = []
+    t0 = time.perf_counter()
+    path = calibration_path(wl.model, sampler, case.sigmas, x_cal, {"y": y}, min_calls=min(KS), method="greedy", disable=True)
+    greedy_s = time.perf_counter() - t0
+    for k in KS:
+        t0 = time.perf_counter()
+        proxy = calibrate(wl.model, sampler, case.sigmas, x_cal, {"y": y}, nfe=k, method="proxy", disable=True)
+        proxy_s = time.perf_counter() - t0
+        outs = {"proxy": (proxy, proxy_s, proxy.provenance), "greedy": (path.policy(k), greedy_s, path.provenance)}
+        base = {"fewer steps": case.fewer(k), "uniform stride": case.run(FixedMask(uniform_mask(N, k)))[0]}
+        best_p = max(float(np.median(psnr(o, case.ref))) for o in base.values())
+        best_t = max(float(np.median(psnr(o, case.truth))) for o in base.values())
+        for method, (policy, seconds, prov) in outs.items():
+            out, rep = case.run(policy)
+            assert (rep.nfe == k).all(), (method, rep.nfe)
+            rows.append({"workload": wl.name, "sampler": sampler, "k": k, "method": method,
+                         "calibration_samples": int(x_cal.shape[0]), "row_evaluations": prov["model_row_evaluations"],
+                         "full_run_equivalents": prov["full_run_equivalents"], "seconds": seconds,
+                         "psnr": float(np.median(psnr(out, case.ref))), "truth": float(np.median(psnr(out, case.truth))),
+                         "baseline_psnr": best_p, "baseline_truth": best_t, "per_k": method == "proxy"})  # fmt: skip
+        print(f"{wl.name} {sampler} K={k}: proxy {rows[-2]['psnr']:.1f} dB ({rows[-2]['full_run_equivalents']} runs, {proxy_s:.0f} s)"
+              f" greedy {rows[-1]['psnr']:.1f} dB ({rows[-1]['full_run_equivalents']} runs for all K, {greedy_s:.0f} s)", flush=True)  # fmt: skip
+    return rows
+
+
+def report(rows: list[dict], meta: dict) -> str:
+    lines = ["# Calibration cost: the proxy search against the greedy search", "",
+             f"`{meta['command']}`, {meta['date']}, {meta['machine']} CPU, {meta['threads']} torch threads, torch {meta['torch']},"
+             f" commit {meta['commit']}; {meta['minutes']} min in all.", "",
+             "Cost: model row-evaluations of the search / (calibration samples x 50) = full sampling runs of the calibration batch;"
+             " the proxy runs once per K, the greedy search once for every K (its path is nested). Quality: median PSNR over the"
+             " 15 held-out test samples (classes 5-9, seeds 0, 3, 4) against the 50-step output / the ODE truth; 'baseline' = the"
+             " better of fewer steps and uniform stride at K.", "",
+             "| workload | sampler | K | proxy: runs, s | greedy (all K): runs, s | proxy vs 50-step | greedy vs 50-step |"
+             " proxy vs truth | greedy vs truth | baseline vs 50-step / truth | proxy - greedy (50-step / truth) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    within, total, cheap = 0, 0, True
+    keys = sorted({(r["workload"], r["sampler"], r["k"]) for r in rows})
+    for key in keys:
+        p = next(r for r in rows if (r["workload"], r["sampler"], r["k"]) == key and r["method"] == "proxy")
+        g = next(r for r in rows if (r["workload"], r["sampler"], r["k"]) == key and r["method"] == "greedy")
+        dp, dt = p["psnr"] - g["psnr"], p["truth"] - g["truth"]
+        total += 1
+        within += dp >= -1.0 and dt >= -1.0
+        cheap &= p["full_run_equivalents"] <= 10
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {p['full_run_equivalents']:.1f}, {p['seconds']:.0f} |"
+                     f" {g['full_run_equivalents']:.0f}, {g['seconds']:.0f} | {p['psnr']:.1f} | {g['psnr']:.1f} | {p['truth']:.1f} |"
+                     f" {g['truth']:.1f} | {p['baseline_psnr']:.1f} / {p['baseline_truth']:.1f} | {dp:+.1f} / {dt:+.1f} |")  # fmt: skip
+    lines += ["", f"Target (within 1 dB of greedy against both references, at <= 10 full-run equivalents): within 1 dB in {within} of"
+              f" {total} cells; the proxy's cost is {'<=' if cheap else 'NOT always <='} 10 runs in every cell."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    import platform
+    from datetime import date
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", nargs="+", default=["digits", "shapes", "flow"])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS / "calibration_cost.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    started = time.perf_counter()
+    rows = []
+    for name, wl in workloads(args.workloads, args.quick).items():
+        for sampler in ("euler", "dpmpp_2m") if name != "flow" else ("flow_euler", "flow_dpmpp_2m"):
+            rows += run(wl, sampler, args.quick)
+    meta = {"command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": platform.machine(),
+            "threads": args.threads, "torch": torch.__version__, "commit": _commit(), "date": str(date.today()),
+            "minutes": round((time.perf_counter() - started) / 60, 1)}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".jsonl").write_text("\n".join(json.dumps(r) for r in [{"meta": meta}] + rows) + "\n")
+    text = report(rows, meta)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
