@@ -32,7 +32,7 @@ import torch
 from .checks import as_sigmas, check_latent, check_sigmas
 from .conventions import get_convention
 from .policies import FixedMask
-from .policies.base import Controller, NonFiniteLatent, SkipPolicy, check_policy, resolve
+from .policies.base import Controller, NonFiniteLatent, SkipPolicy, check_policy, describe, resolve
 from .report import SkipReport
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ class SkipRun:
             extra_evaluations=self.extra_evaluations,
             signals=dict(self.controller.signals()),
             sampler=self.sampler,
-            policy=repr(self.policy) if self.policy is not None else "no skipping",
+            policy=describe(self.policy) if self.policy is not None else "no skipping",
             space=self.controller.space,
         )
 

@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     cal_seconds = time.time() - t0
     print(f"calibrated schedules for K={list(nfe)} in {cal_seconds:.0f} s", flush=True)
 
-    settings = [peers.Setting("no cache (N steps)", "no cache", "baseline", N, _plain)]
+    settings = [peers.no_cache("no cache (N steps)")]
     settings += peers.library_settings(nfe, schedules=schedules)
     settings += peers.baseline_settings(nfe)
     settings += peers.peer_settings(N, cache_dit=not args.no_cache_dit)
@@ -221,12 +221,6 @@ def main(argv=None) -> int:
     plot(rows, args.out.with_suffix(".png"), meta)
     print(report(rows, meta))
     return 0
-
-
-def _plain(pipe, steps, calibration):
-    import contextlib
-
-    return contextlib.nullcontext(steps)
 
 
 def _commit() -> str:

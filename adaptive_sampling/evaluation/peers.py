@@ -34,7 +34,7 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 
 __all__ = ["Setting", "PeerUnavailable", "peer_settings", "library_settings", "baseline_settings", "magcache_ratios",
-           "cache_dit_patched", "dpmpp_flow_scheduler", "measure", "front", "CallCounter"]
+           "cache_dit_patched", "dpmpp_flow_scheduler", "measure", "front", "CallCounter", "library_setting", "no_cache"]
 
 
 class PeerUnavailable(RuntimeError):
@@ -52,6 +52,13 @@ class Setting:
     library: str
     knob: float | int | str | None
     _applied: Callable[[Any, int, Callable[[], Any] | None], ContextManager[int]]
+    _report: Callable[[], Any] | None = None
+
+    @property
+    def report(self):
+        """The library's settings: the ``SkipReport`` of the last pipeline call made under ``applied``
+        (masks, calls per prompt); None for the others."""
+        return None if self._report is None else self._report()
 
     def applied(self, pipe: Any, steps: int, calibration: Callable[[], Any] | None = None) -> ContextManager[int]:
         """Switch the method on for ``steps``-step calls of ``pipe``; yields the steps to run."""
@@ -275,15 +282,18 @@ def peer_settings(steps: int | None = None, *, cache_dit: bool = True) -> list[S
     return out
 
 
-def _hooked(policy_factory: Callable[[int], Any]):
+def _hooked(name: str, family: str, knob, policy_factory: Callable[[int], Any]) -> Setting:
+    last: dict = {}
+
     @contextlib.contextmanager
     def applied(pipe, steps, calibration) -> Iterator[int]:
         from ..integrations import diffusers as asd
 
-        with asd.apply(pipe, skip=policy_factory(steps)):
+        with asd.apply(pipe, skip=policy_factory(steps)) as handle:
+            last["handle"] = handle
             yield steps
 
-    return applied
+    return Setting(name, family, "adaptive_sampling", knob, applied, lambda: last["handle"].report if "handle" in last else None)
 
 
 def library_settings(nfe: tuple[int, ...] = (), *, schedules: dict[int, Any] | None = None,
@@ -295,16 +305,27 @@ def library_settings(nfe: tuple[int, ...] = (), *, schedules: dict[int, Any] | N
     from ..policies.reuse import Extrapolate
     from .baselines import uniform_mask
 
-    out = [Setting(f"default_policy(nfe={k})", "default_policy", "adaptive_sampling", k,
-                   _hooked(lambda steps, k=k: default_policy(nfe=k))) for k in nfe]  # fmt: skip
+    out = [_hooked(f"default_policy(nfe={k})", "default_policy", k, lambda steps, k=k: default_policy(nfe=k)) for k in nfe]
     for k, schedule in sorted((schedules or {}).items()):
-        out.append(Setting(f"calibrated schedule (K={k})", "calibrated", "adaptive_sampling", k, _hooked(lambda steps, s=schedule: s)))
-    out += [Setting(f"uniform stride (K={k})", "uniform stride", "adaptive_sampling", k,
-                    _hooked(lambda steps, k=k: FixedMask(uniform_mask(steps, k), reuse=Extrapolate(1))))
-            for k in nfe]  # fmt: skip
+        out.append(_hooked(f"calibrated schedule (K={k})", "calibrated", k, lambda steps, s=schedule: s))
+    out += [_hooked(f"uniform stride (K={k})", "uniform stride", k,
+                    lambda steps, k=k: FixedMask(uniform_mask(steps, k), reuse=Extrapolate(1))) for k in nfe]  # fmt: skip
     if paper:
-        out.append(Setting("ThirdOrder()", "ThirdOrder", "adaptive_sampling", None, _hooked(lambda steps: ThirdOrder())))
+        out.append(_hooked("ThirdOrder()", "ThirdOrder", None, lambda steps: ThirdOrder()))
     return out
+
+
+def library_setting(name: str, policy: Any) -> Setting:
+    """Any skip policy through the library's diffusers hook, as a ``Setting`` named ``name``."""
+    from ..policies.base import check_policy
+
+    check_policy(policy, "policy")
+    return _hooked(name, name, None, lambda steps: policy)
+
+
+def no_cache(name: str = "no cache") -> Setting:
+    """The pipeline as it is: the reference every other setting is measured against."""
+    return Setting(name, "no cache", "baseline", None, lambda pipe, steps, calibration: contextlib.nullcontext(steps))
 
 
 def _fewer_steps(k: int, scheduler_factory: Callable[[Any], Any] | None):

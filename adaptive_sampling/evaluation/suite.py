@@ -102,7 +102,7 @@ class Evaluation:
     def table(self) -> str:
         """One markdown table: mean NFE, speedup = steps / mean NFE, mean PSNR / SSIM, worst max-abs, seconds."""
         truth = any(r.psnr_truth is not None for r in self.results)
-        head = "| sampler | method | matches | NFE | speedup | PSNR (dB) | SSIM | max abs err | seconds |"
+        head = "| sampler | method | at the calls of | NFE | speedup | PSNR (dB) | SSIM | max abs err | seconds |"
         lines = [head + (" PSNR vs ODE truth (dB) |" if truth else ""), "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if truth else "")]
         for r in self.results:
             s = "-" if r.ssim is None else f"{np.mean(r.ssim):.4f}"

@@ -78,6 +78,7 @@ controllers do.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -89,7 +90,7 @@ from .reuse import Reuse, ReuseState, make_reuse
 if TYPE_CHECKING:
     from ..samplers.registry import Sampler
 
-__all__ = ["SkipPolicy", "Controller", "NonFiniteLatent", "check_policy", "resolve", "check_int", "check_number"]
+__all__ = ["SkipPolicy", "Controller", "NonFiniteLatent", "check_policy", "describe", "resolve", "check_int", "check_number"]
 
 
 def resolve(sampler: "str | Sampler") -> "Sampler":
@@ -177,6 +178,33 @@ class SkipPolicy(abc.ABC):
     def with_reuse(self, reuse: Reuse | str) -> "SkipPolicy":
         """This rule with another reuse strategy (default: unchanged; the rule keeps its own)."""
         return self
+
+
+def describe(policy: Any) -> str:
+    """A policy's short name for reports: a dataclass policy with its generated repr shows only the
+    fields that differ from their defaults (``LocalError(tol=0.00155, max_skips=1)``), nested policies
+    alike; a class with its own ``__repr__`` keeps it; anything else shows its class name (never
+    ``<... object at 0x...>``)."""
+    cls = type(policy)
+    if dataclasses.is_dataclass(policy) and hasattr(cls.__repr__, "__wrapped__"):  # the repr dataclass generated
+        parts = []
+        for f in dataclasses.fields(policy):
+            if not f.repr:
+                continue
+            value = getattr(policy, f.name)
+            if isinstance(value, (np.ndarray, torch.Tensor)):
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            try:
+                same = default is not dataclasses.MISSING and bool(value == default)
+            except Exception:  # noqa: BLE001  (a value that does not compare: show it)
+                same = False
+            if not same:
+                parts.append(f"{f.name}={describe(value) if isinstance(value, SkipPolicy) else repr(value)}")
+        return f"{cls.__name__}({', '.join(parts)})"
+    if cls.__repr__ is object.__repr__:
+        return cls.__name__
+    return repr(policy)
 
 
 def check_policy(policy: Any, name: str = "skip") -> SkipPolicy:

@@ -44,6 +44,7 @@ Importing this module loads torch only; diffusers and safetensors load inside th
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -208,13 +209,22 @@ def pipeline(transformer=None, scheduler=None, conditioning=None, device="cpu", 
     return pipe
 
 
+@functools.lru_cache(maxsize=1)
+def _shipped_conditioning() -> ClassConditioning:
+    """The shipped ``ClassConditioning`` alone (loaded once; the transformer is not built)."""
+    state, _ = shapes._load_safetensors(CHECKPOINT)
+    cond = ClassConditioning()
+    cond.load_state_dict({k[len("conditioning."):]: v.float() for k, v in state.items() if k.startswith("conditioning.")})
+    return cond.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def prompt_kwargs(labels: torch.Tensor, conditioning: ClassConditioning | None = None, *, negative: bool = True) -> dict:
     """The pipeline's conditioning arguments for class ``labels`` [B]: ``prompt_embeds``,
     ``pooled_prompt_embeds`` and (``negative``) the null class as ``negative_prompt_embeds`` /
     ``negative_pooled_prompt_embeds`` for true CFG."""
     if conditioning is None:
-        conditioning = load_pretrained()[2]
+        conditioning = _shipped_conditioning()
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(conditioning.tokens.device)
     tokens, pooled = conditioning(labels)
     out = {"prompt_embeds": tokens, "pooled_prompt_embeds": pooled}

@@ -341,7 +341,10 @@ def load_pretrained(device: torch.device | str = "cpu", dtype: torch.dtype = tor
     config = json.loads(meta["unet_config"]) if "unet_config" in meta else UNET_CONFIG
     unet = UNet2DModel(**config)
     unet.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
-    unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    unet = unet.to(device=device)  # float32 as built: cast only when asked (diffusers warns on every cast)
+    if dtype != torch.float32:
+        unet = unet.to(dtype=dtype)
+    unet = unet.eval().requires_grad_(False)
     return unet, DDPMScheduler(**SCHEDULER_CONFIG)
 
 
