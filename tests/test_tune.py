@@ -140,3 +140,18 @@ def test_the_console_script_is_declared():
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["adaptive-sampling"] == "adaptive_sampling.__main__:main"
     assert json.dumps(project["scripts"])
+
+
+def test_tune_runs_on_a_flow_sampler():
+    """Flow pipelines go through the Python function (the command encodes SD-like and ShapesPipeline prompts)."""
+    from adaptive_sampling import denoiser_from_flow, get_sigmas_flow
+
+    net = MLPDenoiser(dim=72, seed=3)
+    model = denoiser_from_flow(lambda x, s: net(x, s * 10))
+    schedule = lambda n: get_sigmas_flow(n, shift=3.0)  # noqa: E731
+    cal, test = gaussian().noise(2, 1.0, seed=1), gaussian().noise(2, 1.0, seed=2)
+    result = tune(model, "flow_euler", schedule(12), schedule, cal, test, nfe=6, disable=True, curves=False)
+    assert result.sampler == "flow_euler" and result.schedule.calls == 6
+    rows = {r["name"]: r for r in result.rows}
+    assert rows["calibrated schedule"]["calls"] == rows["default_policy(nfe=K) (online)"]["calls"] == 6.0
+    assert "DPM-Solver++(2M) with K steps" in rows and result.verdict
