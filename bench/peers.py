@@ -1,6 +1,6 @@
 """The library against every cache a Flux user can pick, at matched compute, on held-out prompts.
 
-    PYTHONPATH=. python bench/peers.py                     # ~30 min on 2 CPU cores; writes results/peers.{md,jsonl,png}
+    PYTHONPATH=. python bench/peers.py                     # ~37 min on 2 CPU cores; writes results/peers.{md,jsonl,png}
     PYTHONPATH=. python bench/peers.py --quick --steps 12 --nfe 4 6 --truth-steps 20   # a smoke run (~2 min)
 
 The model: the flow workload (``adaptive_sampling.evaluation.workloads.flow``), a FluxTransformer2DModel
@@ -80,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 test prompts, 1 calibration prompt, 1 timing round")
     p.add_argument("--no-cache-dit", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peers.md")
+    p.add_argument("--replot", action="store_true", help="only redraw the .md and .png from the .jsonl of --out (no run)")
     return p.parse_args(argv)
 
 
@@ -113,6 +114,12 @@ class Batches:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        lines = [json.loads(line) for line in args.out.with_suffix(".jsonl").read_text().splitlines()]
+        meta, rows = lines[0]["meta"], lines[1:]
+        args.out.write_text(report(rows, meta))
+        plot(rows, args.out.with_suffix(".png"), meta)
+        return 0
     torch.set_num_threads(args.threads)
     started = time.time()
     pipe = flow.pipeline()
@@ -312,11 +319,13 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
         if "error" not in r and r["family"] not in families:
             families.append(r["family"])
     markers = "os^vD<>pP*Xhd"
+    colours = plt.get_cmap("tab20").colors  # one colour per family (tab10 repeats after ten)
     for j, fam in enumerate(families):
         pts = sorted((r["flops_frac"], r["psnr_truth"], r["psnr_ref"], r["library"]) for r in rows if r.get("family") == fam and "error" not in r)
         lib = pts[0][3]
         style = dict(marker=markers[j % len(markers)], lw=2.2 if lib == "adaptive_sampling" else 1.2,
-                     ls="-" if lib == "adaptive_sampling" else ("--" if lib == "baseline" else ":"), label=f"{fam} ({lib})")  # fmt: skip
+                     ls="-" if lib == "adaptive_sampling" else ("--" if lib == "baseline" else ":"), label=f"{fam} ({lib})",
+                     color=colours[(2 * j) % 20 if j < 10 else (2 * j + 1) % 20])  # fmt: skip
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], **style)
         axes[1].plot([p[0] for p in pts], [min(p[2], 60) for p in pts], **style)
     axes[0].set_title("quality vs the ODE solution")
