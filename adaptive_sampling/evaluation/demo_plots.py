@@ -96,7 +96,7 @@ def curves(panels: dict[str, dict[str, list[tuple[float, float]]]], path: Path, 
                 continue
             j = names.index(name)
             xy = sorted(xy)
-            ax.plot([p[0] for p in xy], [p[1] for p in xy], marker=markers[j % len(markers)], color=f"C{j % 10}",
+            ax.plot([p[0] for p in xy], [p[1] for p in xy], marker=markers[j % len(markers)], color=f"C{j % 10}", ls="-" if len(xy) > 1 else "none",
                     lw=2.4 if name in highlight else 1.1, ms=6 if name in highlight else 4, label=name)  # fmt: skip
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel)

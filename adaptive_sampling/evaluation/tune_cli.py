@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -175,7 +176,9 @@ def _repeat(args_: dict, times: int) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    args.argv = argv  # the report quotes the command as given
     try:
         plan = check(args)
     except TuneError as e:
@@ -263,7 +266,7 @@ def _run(args, pipe, sampler, guidance, cal_args, test_args, cal_prompts, test_p
               "to finish the comparison", file=sys.stderr)  # fmt: skip
         return 3
     decode = _decoder(pipe)
-    header = (f"`python -m adaptive_sampling tune --pipeline {args.pipeline} --steps {args.steps} --nfe {nfe}` on "
+    header = (f"`python -m adaptive_sampling tune {shlex.join(args.argv)}` on "
               f"{args.device} ({args.dtype}), {type(pipe).__name__}, scheduler {type(pipe.scheduler).__name__}, guidance {guidance:g}, "
               f"{args.batch} image(s) per prompt, seed {args.seed}; {time.perf_counter() - started:.0f} s in all.")  # fmt: skip
     files = result.write(args.out, decode=decode, header=header, prompts={"calibration": cal_prompts, "test": test_prompts})
