@@ -24,9 +24,9 @@ Phases (in this order; each writes its rows to ``rows.jsonl`` as they finish and
    (``adaptive_sampling.integrations.diffusers.denoiser``) and through the diffusers hook
    (``adaptive_sampling.integrations.diffusers.apply``) on a real ``StableDiffusionPipeline`` (the SD UNet, a tiny
    random VAE and text encoder that are never run: ``prompt_embeds`` in, ``output_type="latent"``
-   out). Methods: no skipping; ``FixedMask`` with 25 of 50 calls (every other step); the default
-   policy ``ThirdOrder()`` (the library's recommended default may change: this measures
-   ``ThirdOrder()`` as written); on the hook path also the hook with a never-skipping mask (its own
+   out). Methods: no skipping; ``FixedMask`` with 25 of 50 calls (every other step); the
+   policy ``ThirdOrder()`` (the paper's rule, whose calls depend on the trajectory; the
+   library's ``default_policy()`` spends a fixed budget); on the hook path also the hook with a never-skipping mask (its own
    overhead). Per row: wall-clock, NFE, UNet calls, speedup vs no skipping on the same path, ideal
    ``steps / NFE`` and ``speedup / ideal`` (goal >= 0.97), and the host overhead per step (wall
    minus the UNet time the sub-batch table predicts for the calls made).
@@ -737,8 +737,8 @@ def write_summary(rec: Recorder) -> None:
     L.append("")
     L.append("UNet: `UNet2DConditionModel` with " + ("SD-1.5's published config (859.5M parameters), random weights"
              if mode.name == "gpu" else "the tests' tiny config, random weights")
-             + f"; classifier-free guidance {GUIDANCE} (a UNet call holds 2 rows per prompt). The default policy is "
-             "`ThirdOrder()` as written today (the library's recommended default may change); random weights make the "
+             + f"; classifier-free guidance {GUIDANCE} (a UNet call holds 2 rows per prompt). The policy measured is "
+             "the paper's rule, `ThirdOrder()` (not the library's `default_policy()`, a fixed budget); random weights make the "
              "images noise, so its NFE is what the rule does on this model's trajectories.")
 
     sub = {r["prompts"]: r for r in rec.of("subbatch")}

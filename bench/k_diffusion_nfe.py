@@ -1,4 +1,4 @@
-"""NFE and quality of every supported k-diffusion sampler wrapped with the default policy.
+"""NFE and quality of every supported k-diffusion sampler wrapped with the paper's rule, `ThirdOrder()`.
 
     python bench/k_diffusion_nfe.py [--steps 50] [--batch 10] [--out bench/results/k_diffusion_nfe.md]
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     cases.insert(1, ("sample_euler (s_churn=1)", K.sample_euler, {"s_churn": 1.0}))
     t0 = time.perf_counter()
     lines = [
-        "# k-diffusion samplers wrapped with the default policy",
+        "# k-diffusion samplers wrapped with the paper's rule, ThirdOrder()",
         "",
         f"Command: `python bench/k_diffusion_nfe.py --steps {args.steps} --batch {args.batch} --seed {args.seed}`  ",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, Python {platform.python_version()}, "
