@@ -46,7 +46,7 @@ def ran(saved):
     return out
 
 
-def test_the_command_writes_every_file_and_they_parse(ran):
+def test_the_command_writes_every_file_and_they_parse(saved, ran):
     for name in ("schedule.json", "report.md", "grid.png", "curves.png", "masks.png"):
         assert (ran / name).is_file() and (ran / name).stat().st_size > 0, name
     schedule = Calibrated.load(ran / "schedule.json")
@@ -54,6 +54,7 @@ def test_the_command_writes_every_file_and_they_parse(ran):
     report = (ran / "report.md").read_text()
     assert "held-out test prompts (2)" in report and "a ship at night" in report and "## Verdict" in report
     assert "calibration prompts (2): a cat; a dog" in report
+    assert f"--prompts {saved / 'prompts.txt'}" in report and "--guidance 3.0" in report  # the command as given
     rows = re.findall(r"^\| (.+?) \| ([\d.]+) \| ([\d.]+) \| [\d.\-]+ \| [\d.]+ \|$", report, flags=re.M)
     names = [r[0] for r in rows]
     assert "calibrated schedule" in names and "default_policy(nfe=K) (online)" in names and "fewer steps" in names
