@@ -28,6 +28,7 @@ Each convention is a small object of pure functions, exact at its grid's ends:
 
 from __future__ import annotations
 
+import abc
 import warnings
 from dataclasses import dataclass
 
@@ -41,26 +42,34 @@ def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Convention:
+class Convention(abc.ABC):
+    """The interface both conventions implement (module docstring); ``VE`` and ``FLOW`` are its instances."""
+
     name: str
 
+    @abc.abstractmethod
     def to_eps(self, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """eps of a denoiser output at (x, sigma)."""
 
+    @abc.abstractmethod
     def from_eps(self, x: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The denoiser output a reused eps stands for at (x, sigma)."""
 
+    @abc.abstractmethod
     def ve_view(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """The latent and sigma in VE coordinates."""
 
+    @abc.abstractmethod
     def ve_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """A whole grid in VE sigma (float64)."""
 
+    @abc.abstractmethod
     def initial(self, noise: torch.Tensor, sigma0) -> torch.Tensor:
-        raise NotImplementedError
+        """The starting latent from unit noise."""
 
+    @abc.abstractmethod
     def check_grid(self, sigmas: torch.Tensor, name: str = "sigmas") -> None:
-        raise NotImplementedError
+        """Refuse (or warn about) a grid outside this convention's range."""
 
 
 class _VE(Convention):

@@ -132,8 +132,7 @@ def calibration_path(
     n = len(host) - 1
     check_int("warmup", warmup, 1, n)
     check_int("min_calls", min_calls, warmup, n)
-    make_reuse(reuse)
-    method = _method(method, merge_skipped, aggregate, reuse)
+    method = _method(method, merge_skipped, aggregate, make_reuse(reuse))
     check_int("iterations", iterations, 0)
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0):
         raise ValueError(f"seconds must be > 0 or None, got {seconds!r}")
@@ -172,11 +171,8 @@ def calibration_path(
 METHODS = ("proxy", "greedy")
 
 
-def _method(method: str | None, merge_skipped: bool, aggregate: str, reuse) -> str:
+def _method(method: str | None, merge_skipped: bool, aggregate: str, r: Reuse) -> str:
     """The search: ``proxy`` (a few runs) where it models the setting, else ``greedy``."""
-    from ..policies.reuse import Extrapolate
-
-    r = make_reuse(reuse)
     proxy_ok = (not merge_skipped and aggregate == "mean_error"
                 and (isinstance(r, Copy) or (isinstance(r, Extrapolate) and r.order == 1 and r.variable == "log_sigma")))  # fmt: skip
     if method is None:
