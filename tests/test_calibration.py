@@ -24,6 +24,7 @@ from adaptive_sampling import (
 )
 from adaptive_sampling.evaluation.baselines import uniform_mask
 from adaptive_sampling.calibration import calibration_path
+from adaptive_sampling.calibration.proxy import GAIN_SCALES, proxy_path, proxy_runs
 from adaptive_sampling.policies.calibrated import map_schedule
 from adaptive_sampling.evaluation.workloads.digits import DigitsOptimalDenoiser
 
@@ -252,8 +253,34 @@ def test_a_seconds_budget_still_gives_k_calls():
     full = calibrate(model, "euler", sigmas, x, extra, nfe=6, disable=True, method="proxy")
     short = calibrate(model, "euler", sigmas, x, extra, nfe=6, seconds=1e-9, disable=True, method="proxy")
     assert short.calls == full.calls == 6
-    assert short.provenance["full_run_equivalents"] == 2.0 < full.provenance["full_run_equivalents"]  # the full run + one round
+    assert short.provenance["full_run_equivalents"] == 2.0 < full.provenance["full_run_equivalents"] <= 9  # the full run + one observation
 
+
+
+def test_the_proxy_keeps_the_best_mask_it_observed_and_counts_its_runs():
+    """The proxy observes one mask per gain scale (then refines): the mask it returns costs no more, on
+    the calibration latents, than the one any single scale finds, and its row-evaluations are the full
+    run plus one run per mask observed, at most proxy_runs(iterations)."""
+    model = DigitsOptimalDenoiser()
+    sigmas = get_sigmas_karras(20, 0.05, 20.0)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 20.0
+    y = {"y": torch.tensor([0, 3, 7])}
+    reference, _ = sample_euler(model, x, sigmas, y, disable=True)
+
+    def cost(path):
+        out, report = sample_euler(model, x, sigmas, y, disable=True, skip=FixedMask(path.mask(8), reuse=Extrapolate(1)))
+        assert (report.nfe == 8).all()
+        return float(((out - reference) ** 2).sum())
+
+    path, ref, info = proxy_path(sample_euler, model, x, sigmas, 8, y, reuse=Extrapolate(1))
+    assert torch.equal(ref, reference)
+    assert path.evaluations == (1 + info["observed"]) * 3 * 20
+    assert 1 <= info["observed"] <= proxy_runs(2) - 1 and info["scale"] in GAIN_SCALES
+    best = cost(path)
+    for scale in GAIN_SCALES:
+        single, _, one = proxy_path(sample_euler, model, x, sigmas, 8, y, reuse=Extrapolate(1), scales=(scale,), iterations=0)
+        assert one["observed"] == 1
+        assert best <= cost(single) * (1 + 1e-9), scale
 
 @pytest.mark.parametrize(
     "make, match",

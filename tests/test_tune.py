@@ -88,7 +88,8 @@ def test_the_reports_figures_equal_a_direct_evaluate_run():
         direct = ev.select("euler", row["method"], row["policy"])[0]
         assert row["psnr_per_image"] == [float(v) for v in direct.psnr], row["name"]
         assert row["calls"] == float(np.mean(direct.nfe))
-    assert result.schedule.provenance["method"] == "proxy" and result.schedule.provenance["full_run_equivalents"] == 5.0
+    prov = result.schedule.provenance
+    assert prov["method"] == "proxy" and prov["full_run_equivalents"] == 1 + prov["proxy_masks_observed"] <= 9
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(saved, tmp_path, capsys):

@@ -17,17 +17,26 @@ summed over the samples, and a greedy elimination on it (drop the call whose rem
 increases the cost; a drop changes the forecasts of the next skipped steps too) needs no model
 call at all.
 
-Errors are weighted by how a perturbation at sigma reaches the output for data of the output's
-scale s (s / sqrt(s^2 + sigma^2), exact for Gaussian data). The proxy still reads eps off a
-trajectory that drifts as calls are dropped, so the search iterates: the greedy's mask is
-observed (its table feeds the next greedy; its output, against the full run's, is the mask's TRUE
-cost) and the best mask observed is kept. The full run plus ``iterations + 1`` observations cost
-``iterations + 2`` runs' worth of model calls (5 by default).
-Measured against the greedy search on held-out prompts in ``docs/tune.md`` / ``bench/results/calibration_cost.md``.
+How much of a step's error reaches the output is the one thing the table does not say. The
+proxy weighs an error entering the latent at sigma by the gain c / sqrt(c^2 + sigma^2) (exact, with
+c the data's std, for Gaussian data; c = inf: every error arrives whole) and does not guess c: it
+runs the proxy's greedy once per candidate scale (``GAIN_SCALES`` times the full-step output's std)
+on the full run's table and observes each resulting mask, whose output, against the full run's, is
+the mask's TRUE cost. Then ``iterations`` refinement rounds re-run the greedy of the best mask so far
+on that mask's own table (the eps along a trajectory that skips; observed as well), and the best
+mask observed is kept. A mask observed already is not run again. Cost: the full run and at most
+``len(GAIN_SCALES) + iterations`` observations, each a full run's worth of calls: at most
+``proxy_runs(iterations)`` = 9 runs by default, fewer when candidates coincide.
+Why several scales (bench/results/calibration_cost.md): on the shapes UNet the Gaussian gain
+(c = the data's std) underrated high-sigma errors some 20-fold and chose masks 3 to 6 dB worse than
+the greedy search's; on the digits MLP, c = inf chose far worse ones. No one scale suited every
+model; measuring which one does costs one run per scale.
+Measured against the greedy search on held-out prompts in ``docs/calibration.md`` / ``bench/results/calibration_cost.md``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -40,7 +49,16 @@ from ..policies.reuse import Copy, Extrapolate, make_reuse
 from ..runner import slice_rows
 from .greedy import GreedyPath
 
-__all__ = ["proxy_path", "observe"]
+__all__ = ["proxy_path", "observe", "proxy_runs", "GAIN_SCALES"]
+
+# Candidate gain scales c, in units of the full-step output's std (module docstring); inf: gain 1.
+GAIN_SCALES = (0.5, 1.0, 2.0, 5.0, 20.0, math.inf)
+
+
+def proxy_runs(iterations: int, scales: tuple = GAIN_SCALES) -> int:
+    """The most sampling runs of the calibration batch the proxy search costs: the full run, one
+    observation per gain scale, one per refinement round."""
+    return 1 + len(scales) + iterations
 
 
 @torch.no_grad()
@@ -82,15 +100,18 @@ class _Proxy:
     squared norm of the SUM of the skipped steps' local error vectors (errors of opposite sign may
     cancel, as they do in the output), summed over the samples."""
 
-    def __init__(self, table: torch.Tensor, sigmas_ve: np.ndarray, linear: bool, data_std: float) -> None:
+    def __init__(self, table: torch.Tensor, sigmas_ve: np.ndarray, linear: bool, scale: float) -> None:
         self.table = table  # [N, B, D]
         with np.errstate(divide="ignore"):
             self.t = np.log(sigmas_ve[:-1])
-        # the step's error enters the latent at sigma_{k+1}; for data of std s it reaches the output
-        # scaled by s / sqrt(s^2 + sigma_{k+1}^2) (the exact factor for Gaussian data)
-        with np.errstate(invalid="ignore"):
-            gain = data_std / np.sqrt(data_std**2 + sigmas_ve[1:] ** 2)
-        self.h = np.abs(np.diff(sigmas_ve)) * np.nan_to_num(gain)
+        # the step's error enters the latent at sigma_{k+1} and reaches the output scaled by
+        # c / sqrt(c^2 + sigma_{k+1}^2) (exact for Gaussian data of std c); c = inf: whole
+        if math.isinf(scale):
+            gain = np.ones(len(sigmas_ve) - 1)
+        else:
+            with np.errstate(invalid="ignore"):
+                gain = np.nan_to_num(scale / np.sqrt(scale**2 + sigmas_ve[1:] ** 2))
+        self.h = np.abs(np.diff(sigmas_ve)) * gain
         self.linear = linear
         self._cache: dict[tuple, torch.Tensor] = {}
 
@@ -142,11 +163,13 @@ class _Proxy:
 
 def proxy_path(sample: Callable, model: Callable, x: torch.Tensor, sigmas: torch.Tensor, min_calls: int,
                extra_args: dict | None = None, *, warmup: int = 4, reuse="copy", convention: str = "ve",
-               iterations: int = 3, progress: Callable[[int], None] | None = None,
-               seconds: float | None = None) -> tuple[GreedyPath, torch.Tensor]:  # fmt: skip
-    """The proxy search (module docstring). Returns (the shared removal order as a ``GreedyPath``,
-    the full-step output of the calibration latents: the first observation run). ``seconds``: once
-    spent, no further refinement round starts (the first one always runs)."""
+               iterations: int = 2, scales: tuple = GAIN_SCALES, progress: Callable[[int], None] | None = None,
+               seconds: float | None = None) -> tuple[GreedyPath, torch.Tensor, dict]:  # fmt: skip
+    """The proxy search (module docstring). Returns (the removal order of the best mask observed as a
+    ``GreedyPath``, the full-step output of the calibration latents, a dict with the chosen gain
+    ``scale`` (in units of the output's std) and the masks ``observed``). ``seconds``: once spent, no
+    further observation starts (the full run and the first observation always run). ``progress``
+    gets one tick per planned observation (``len(scales) + iterations``), run or not."""
     r = make_reuse(reuse)
     if not isinstance(r, (Copy, Extrapolate)) or (isinstance(r, Extrapolate) and (r.order != 1 or r.variable != "log_sigma")):
         raise ValueError(f"the proxy search models reuse='copy' and Extrapolate(1) in log sigma, got {reuse!r}; use method='greedy'")
@@ -156,25 +179,38 @@ def proxy_path(sample: Callable, model: Callable, x: torch.Tensor, sigmas: torch
     n = len(host) - 1
     started = time.perf_counter()
     linear = isinstance(r, Extrapolate)
-    table, spent, reference = observe(sample, model, x, sigmas, extra_args, np.ones(n, dtype=bool), r, conv)  # the full run
-    data_std = float(reference.double().std())
-    target = np.ones(n, dtype=bool)
-    best: tuple[float, list[int]] | None = None
-    for i in range(iterations + 1):
-        if i > 0 and seconds is not None and time.perf_counter() - started > seconds:
-            break
-        order = _Proxy(table, sigmas_ve, linear, data_std).greedy(n, min_calls, warmup)
-        target = np.ones(n, dtype=bool)
-        target[order[: n - min_calls]] = False
-        # observe the new mask's trajectory: its table feeds the next greedy, its output says what
-        # the mask really costs (the best of the masks observed is kept)
-        table, used, out = observe(sample, model, x, sigmas, extra_args, target, r, conv)
+    full_table, spent, reference = observe(sample, model, x, sigmas, extra_args, np.ones(n, dtype=bool), r, conv)  # the full run
+    std = float(reference.double().std())
+    observed: list[dict] = []  # per mask run: its true cost, removal order, own table, gain scale
+
+    def try_mask(table: torch.Tensor, scale: float) -> bool:
+        """Greedy on the proxy of ``table`` at ``scale``; observe the mask unless seen. False: seen."""
+        nonlocal spent
+        order = _Proxy(table, sigmas_ve, linear, std * scale).greedy(n, min_calls, warmup)
+        mask = np.ones(n, dtype=bool)
+        mask[order[: n - min_calls]] = False
+        if any((o["mask"] == mask).all() for o in observed):
+            return False
+        if observed and seconds is not None and time.perf_counter() - started > seconds:
+            return False
+        own, used, out = observe(sample, model, x, sigmas, extra_args, mask, r, conv)
         spent += used
-        actual = float(((out - reference).double() ** 2).sum())
-        if best is None or actual < best[0]:
-            best = (actual, order)
+        cost = float(((out - reference).double() ** 2).sum())
+        observed.append({"cost": cost, "order": order, "mask": mask, "table": own, "scale": scale})
+        return True
+
+    for scale in scales:
+        try_mask(full_table, scale)
         if progress is not None:
             progress(1)
-    order = best[1]
-    path = GreedyPath(n, [order], [0], spent, True, time.perf_counter() - started)
-    return path, reference
+    for i in range(iterations):
+        best = min(observed, key=lambda o: o["cost"])
+        new = try_mask(best["table"], best["scale"])
+        if progress is not None:
+            progress(1 if new else iterations - i)
+        if not new:  # the same table and scale give the same mask again: nothing left to refine
+            break
+    best = min(observed, key=lambda o: o["cost"])
+    path = GreedyPath(n, [best["order"]], [0], spent, True, time.perf_counter() - started)
+    info = {"scale": best["scale"], "observed": len(observed)}
+    return path, reference, info

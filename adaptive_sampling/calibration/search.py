@@ -44,7 +44,7 @@ from ..policies.reuse import Copy, Extrapolate, Reuse, make_reuse, reuse_to_dict
 from ..progress import Bar
 from ..samplers.registry import get_sampler
 from .greedy import GreedyPath, greedy_path
-from .proxy import proxy_path
+from .proxy import GAIN_SCALES, proxy_path
 
 __all__ = ["calibrate", "calibration_path", "CalibrationPath", "AGGREGATES", "METHODS", "DEFAULT_REUSE"]
 
@@ -116,7 +116,7 @@ def calibration_path(
     seconds: float | None = None,
     disable: bool | None = None,
     method: str | None = None,
-    iterations: int = 3,
+    iterations: int = 2,
 ) -> CalibrationPath:
     """Run the calibration search once, down to ``min_calls`` calls per sample (see ``calibrate``)."""
     entry = get_sampler(sampler, runnable=True)
@@ -139,11 +139,13 @@ def calibration_path(
     sample = entry.sample
     kwargs = {"merge_skipped": True} if merge_skipped else {}
     started = time.perf_counter()
+    notes = {}
     if method == "proxy":
-        with Bar(iterations + 1, f"calibrate {sampler} (proxy)", disable) as bar:  # + the full run first
-            path, _ = proxy_path(sample, model, x, sigmas, min_calls, extra_args, warmup=warmup, reuse=reuse,
-                                 convention=entry.convention, iterations=iterations, progress=bar.update,
-                                 seconds=seconds)  # fmt: skip
+        with Bar(len(GAIN_SCALES) + iterations, f"calibrate {sampler} (proxy)", disable) as bar:  # after the full run
+            path, _, info = proxy_path(sample, model, x, sigmas, min_calls, extra_args, warmup=warmup, reuse=reuse,
+                                       convention=entry.convention, iterations=iterations, progress=bar.update,
+                                       seconds=seconds)  # fmt: skip
+        notes = {"proxy_gain_scale": info["scale"], "proxy_masks_observed": info["observed"]}
     else:
         reference, _ = sample(model, x, sigmas, extra_args, disable=True)
         with Bar(n - min_calls, f"calibrate {sampler} (greedy)", disable) as bar:
@@ -164,6 +166,7 @@ def calibration_path(
         "full_run_equivalents": round(path.evaluations / (int(x.shape[0]) * n), 2),
         "seconds": round(time.perf_counter() - started, 3),
         "exact_rounds": int(min(path.exact)),
+        **notes,
     }
     return CalibrationPath(torch.as_tensor(sigmas), sampler, reuse, merge_skipped, aggregate, path, provenance)
 
@@ -203,7 +206,7 @@ def calibrate(
     seconds: float | None = None,
     disable: bool | None = None,
     method: str | None = None,
-    iterations: int = 3,
+    iterations: int = 2,
 ) -> Calibrated | torch.Tensor:
     """A skip schedule with ``nfe`` calls per sample, searched on the calibration latents ``x``.
 
@@ -221,15 +224,18 @@ def calibrate(
         skipping (Euler / DDIM: searched with copied eps; DPM-Solver++: with ``merge_skipped``).
     warmup: the first calls, never dropped. seconds: a wall-clock budget. Greedy: once spent, the
         remaining calls are dropped in the order of the last round's costs (the provenance's
-        ``exact_rounds`` says how many rounds ran in full). Proxy: no refinement round starts after
-        it (the full run and the first round always run: 2 sampling runs).
-    method: ``"proxy"`` (``calibration/proxy.py``: greedy on a measured error proxy, ``iterations + 2``
-        sampling runs of the calibration batch), ``"greedy"`` (the exact greedy search, hundreds of
-        runs), or None: proxy wherever it applies (the mean-error aggregate, copy or Extrapolate(1)
+        ``exact_rounds`` says how many rounds ran in full). Proxy: no observation run starts after
+        it (the full run and the first observation always run: 2 sampling runs).
+    method: ``"proxy"`` (``calibration/proxy.py``: greedy on a measured error proxy, at most
+        ``proxy_runs(iterations)`` sampling runs of the calibration batch, 9 by default; the
+        provenance records the gain scale it chose), ``"greedy"`` (the exact greedy search,
+        hundreds of runs), or None: proxy wherever it applies (the mean-error aggregate, copy or Extrapolate(1)
         reuse, no merge mode), greedy otherwise (a DPM-Solver++ grid, ``aggregate="frequency"``).
 
-    Cost: proxy, ``iterations + 2`` sampling runs' worth of calls (5 by default, whatever N and
-    nfe). Greedy: the full-step run of the calibration samples, then one batched sampler call per
+    iterations: the proxy's refinement rounds after its one observation per gain scale.
+
+    Cost: proxy, at most ``len(GAIN_SCALES) + iterations + 1`` sampling runs' worth of calls (9 by
+    default, whatever N and nfe; fewer where candidate masks coincide). Greedy: the full-step run of the calibration samples, then one batched sampler call per
     round (N - nfe rounds), each running every candidate drop of every sample with trajectory
     prefixes shared: about ``B N (N - nfe) (N + nfe - 2 warmup) / 4`` model row-evaluations for B
     samples, about 23,000 per sample for N = 50, nfe = 20 (460 runs' worth). The provenance

@@ -9,7 +9,7 @@ for research repos that hold a k-diffusion-convention model themselves::
     print(result.verdict)
 
 Steps: (1) ``calibrate`` a schedule with ``nfe`` calls on the calibration latents (the proxy
-search: about 5 sampling runs of them); (2) ``evaluate`` on the test latents, at the calls each
+search: at most 9 sampling runs of them); (2) ``evaluate`` on the test latents, at the calls each
 option spends: ``default_policy(nfe=...)`` (the online knob), the calibrated schedule, the paper's
 rule (``ThirdOrder()``, which decides its own calls), and the baselines at the same calls (uniform
 stride, fewer steps, DPM-Solver++ with as many steps), against the full-step output of the same
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..calibration import calibrate
+from ..calibration.proxy import proxy_runs
 from ..policies import Calibrated, FixedMask, ThirdOrder, default_policy
 from ..progress import Bar
 from ..samplers.registry import get_sampler
@@ -49,9 +50,10 @@ METHODS = {  # evaluate's (method, policy) -> the name the report uses
 }
 
 
-def plan_calls(steps: int, nfe: int, n_cal: int, n_test: int, iterations: int = 3, curves: bool = True) -> dict:
-    """Model calls (denoiser rows; a guided row is one call) each stage will make: for ``--dry-run``."""
-    calibration = n_cal * steps * (iterations + 2)
+def plan_calls(steps: int, nfe: int, n_cal: int, n_test: int, iterations: int = 2, curves: bool = True) -> dict:
+    """Model calls (denoiser rows; a guided row is one call) each stage will make, at most: for ``--dry-run``.
+    ``iterations=None``: no calibration (a resumed run)."""
+    calibration = 0 if iterations is None else n_cal * steps * proxy_runs(iterations)
     # evaluate: the full run; per policy its run and three baselines at its calls (the paper's rule at most N)
     per_policy = 4 * nfe
     evaluation = n_test * (steps + 2 * per_policy + 4 * steps)
@@ -138,7 +140,7 @@ def tune(
     nfe: int,
     cal_args: dict | None = None,
     test_args: dict | None = None,
-    iterations: int = 3,
+    iterations: int = 2,
     method: str | None = None,
     curves: bool = True,
     seconds: float | None = None,

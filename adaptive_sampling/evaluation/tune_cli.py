@@ -57,7 +57,7 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=1, help="images per prompt (seeds --seed, --seed + 1, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration-prompts", type=int, default=None, help="how many prompts calibrate (default: half)")
-    p.add_argument("--calibration", choices=("proxy", "greedy"), default="proxy", help="the search (default proxy: ~5 runs)")
+    p.add_argument("--calibration", choices=("proxy", "greedy"), default="proxy", help="the search (default proxy: at most 9 runs of the calibration prompts)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop between stages once this much time has passed")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the model calls, run nothing")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
@@ -189,10 +189,7 @@ def main(argv=None) -> int:
     prompts, n_cal, nfe = plan["prompts"], plan["n_cal"], plan["nfe"]
     cal_prompts, test_prompts = prompts[:n_cal], prompts[n_cal:]
     calls = plan_calls(args.steps, nfe, n_cal * args.batch, len(test_prompts) * args.batch,
-                       iterations=0 if args.resume else 3)  # fmt: skip
-    if args.resume:
-        calls["total"] -= calls["calibration"]
-        calls["calibration"] = 0
+                       iterations=None if args.resume else 2)  # fmt: skip
     print(f"tune: {args.pipeline}, {args.steps} steps, budget {nfe} calls per image ({args.steps / nfe:.2f}x)")
     print(f"  calibration prompts ({len(cal_prompts)}): {cal_prompts}")
     print(f"  test prompts ({len(test_prompts)}), held out: {test_prompts}")
