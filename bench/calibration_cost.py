@@ -160,32 +160,40 @@ def report(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-    import platform
-    from datetime import date
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workloads", nargs="+", default=["digits", "shapes", "flow"])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-validation", action="store_true", help="skip the design rows on the validation split")
+    p.add_argument("--samplers", nargs="+", default=None, help="only these samplers (default: euler and dpmpp_2m, flow_* on flow)")
     p.add_argument("--out", type=Path, default=RESULTS / "calibration_cost.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     started = time.perf_counter()
     rows = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, wl in workloads(args.workloads, args.quick).items():
         for sampler in ("euler", "dpmpp_2m") if name != "flow" else ("flow_euler", "flow_dpmpp_2m"):
+            if args.samplers and sampler not in args.samplers:
+                continue
             rows += run(wl, sampler, args.quick, not args.no_validation)
+            text = write(args, rows, started)  # after every sampler: a stopped run keeps what it finished
+    print(text)
+    return 0
+
+
+def write(args, rows: list[dict], started: float) -> str:
+    import platform
+    from datetime import date
+
     meta = {"command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": platform.machine(),
             "threads": args.threads, "torch": torch.__version__, "commit": _commit(), "date": str(date.today()),
             "minutes": round((time.perf_counter() - started) / 60, 1)}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".jsonl").write_text("\n".join(json.dumps(r) for r in [{"meta": meta}] + rows) + "\n")
     text = report(rows, meta)
     args.out.write_text(text)
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":
