@@ -1,6 +1,9 @@
 """What a calibrated schedule costs and what it is worth: the proxy search (the default) against the greedy search.
 
-    python bench/calibration_cost.py [--workloads digits shapes flow] [--quick]      # digits + shapes: 33 min here at one thread; flow: about 60 min more; results/calibration_cost.md
+    python bench/calibration_cost.py [--workloads digits shapes flow] [--samplers ...] [--no-validation] [--quick] [--out PATH]
+
+Measured alone at two threads on this project's 2-core CPU: digits + shapes 17.2 min; flow 14 min per
+sampler (results/calibration_cost.md, calibration_cost_flow.md, calibration_cost_flow_dpmpp.md).
 
 Per learned workload (digits MLP, Karras grid; shapes UNet, SD's leading DDPM grid; the flow transformer,
 its FluxPipeline grid) and sampler, 50 steps, guidance as in bench/budget_study.py:
