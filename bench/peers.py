@@ -1,6 +1,6 @@
 """The library against every cache a Flux user can pick, at matched compute, on held-out prompts.
 
-    PYTHONPATH=. python bench/peers.py                     # ~37 min on 2 CPU cores; writes results/peers.{md,jsonl,png}
+    PYTHONPATH=. python bench/peers.py                     # ~21 min alone on 2 CPU cores; writes results/peers.{md,jsonl,png}
     PYTHONPATH=. python bench/peers.py --quick --steps 12 --nfe 4 6 --truth-steps 20   # a smoke run (~2 min)
 
 The model: the flow workload (``adaptive_sampling.evaluation.workloads.flow``), a FluxTransformer2DModel

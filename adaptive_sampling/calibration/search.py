@@ -229,17 +229,19 @@ def calibrate(
     method: ``"proxy"`` (``calibration/proxy.py``: greedy on a measured error proxy, at most
         ``proxy_runs(iterations)`` sampling runs of the calibration batch, 9 by default; the
         provenance records the gain scale it chose), ``"greedy"`` (the exact greedy search,
-        hundreds of runs), or None: proxy wherever it applies (the mean-error aggregate, copy or Extrapolate(1)
-        reuse, no merge mode), greedy otherwise (a DPM-Solver++ grid, ``aggregate="frequency"``).
+        hundreds of runs), or None: proxy wherever it applies (the mean-error aggregate, copy or
+        Extrapolate(1) reuse, no merge mode), greedy otherwise (a DPM-Solver++ grid,
+        ``aggregate="frequency"``).
 
     iterations: the proxy's refinement rounds after its one observation per gain scale.
 
     Cost: proxy, at most ``len(GAIN_SCALES) + iterations + 1`` sampling runs' worth of calls (9 by
-    default, whatever N and nfe; fewer where candidate masks coincide). Greedy: the full-step run of the calibration samples, then one batched sampler call per
-    round (N - nfe rounds), each running every candidate drop of every sample with trajectory
-    prefixes shared: about ``B N (N - nfe) (N + nfe - 2 warmup) / 4`` model row-evaluations for B
-    samples, about 23,000 per sample for N = 50, nfe = 20 (460 runs' worth). The provenance
-    records the calls spent (``full_run_equivalents``).
+    default, whatever N and nfe; fewer where candidate masks coincide). Greedy: the full-step run
+    of the calibration samples, then one batched sampler call per round (N - nfe rounds), each
+    running every candidate drop of every sample with trajectory prefixes shared: about
+    ``B N (N - nfe) (N + nfe - 2 warmup) / 4`` model row-evaluations for B samples, about 23,000
+    per sample for N = 50, nfe = 20 (460 runs' worth). The provenance records the calls spent
+    (``full_run_equivalents``).
     Returns a ``Calibrated`` policy (``policy.save(path)``) or, with ``as_grid``, the grid.
     """
     if not isinstance(as_grid, bool):
