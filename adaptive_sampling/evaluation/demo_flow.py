@@ -61,7 +61,9 @@ def run_flow_demo(args, threads: str) -> int:
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # cache-dit logs every enable/disable at INFO; read at its import
+    # cache-dit logs each enable / disable (and re-patching its own copy) as warnings: routine here.
+    # Read at its import; a user's own setting wins.
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
     N, B, g = args.steps, args.batch, args.cond_scale
     k = N // 2
     pipe = flow.pipeline()
