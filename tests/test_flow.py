@@ -17,7 +17,11 @@ import pytest
 import torch
 
 import adaptive_sampling.integrations.diffusers as asd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from adaptive_sampling import (
+    calibrate,
     Extrapolate,
     FixedMask,
     ThirdOrder,
@@ -114,6 +118,46 @@ def test_flow_samplers_start_exactly_at_s_1_and_skip():
             out, rep = sample(model, noise, sigmas, disable=True, skip=policy)
             assert torch.isfinite(out).all() and rep.nfe.max() < 30
             assert _rel(out, full) < 0.2  # close to the full run, not garbage
+
+
+@given(steps=st.integers(5, 20), seed=st.integers(0, 10_000), batch=st.integers(1, 3), start=st.sampled_from([1.0, 0.95]))
+@settings(max_examples=25, deadline=None)
+def test_merged_flow_dpmpp_2m_is_flow_dpmpp_2m_on_the_sub_grid(steps, seed, batch, start):
+    """A mask with K calls in merge mode is exactly flow DPM-Solver++(2M) on the K-point sub-grid of
+    the computed levels plus the final one (per row), from s = 1 (first steps first order) or below."""
+    model = denoiser_from_flow(Velocity(seed % 5))
+    sigmas = get_sigmas_flow(steps, shift=3.0)
+    sigmas = sigmas * start if start < 1 else sigmas
+    rng = np.random.default_rng(seed)
+    mask = rng.random((batch, steps)) < 0.5
+    mask[:, 0] = True
+    x = torch.randn(batch, 32, generator=torch.Generator().manual_seed(seed))
+    out, rep = sample_flow_dpmpp_2m(model, x, sigmas, disable=True, skip=FixedMask(mask), merge_skipped=True)
+    assert rep.computed.tolist() == mask.tolist()
+    for b in range(batch):
+        sub = torch.cat([sigmas[:-1][torch.from_numpy(mask[b])], sigmas[-1:]])
+        want, _ = sample_flow_dpmpp_2m(model, x[b : b + 1], sub, disable=True)
+        assert torch.equal(out[b : b + 1], want)
+
+
+def test_flow_dpmpp_2m_merge_mode_checks_and_calibrated_grid():
+    """Without skipping the merge mode is the plain solver; a bad flag is refused; and
+    ``calibrate(..., as_grid=True)`` now works for flow DPM-Solver++: a K-point sub-grid whose run is
+    the calibrated mask's merge-mode run."""
+    model = denoiser_from_flow(Velocity(1))
+    sigmas = get_sigmas_flow(12, shift=3.0)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(sample_flow_dpmpp_2m(model, x, sigmas, disable=True, merge_skipped=True)[0],
+                       sample_flow_dpmpp_2m(model, x, sigmas, disable=True)[0])  # fmt: skip
+    with pytest.raises(ValueError, match="merge_skipped must be a bool"):
+        sample_flow_dpmpp_2m(model, x, sigmas, disable=True, merge_skipped=1)
+    grid = calibrate(model, "flow_dpmpp_2m", sigmas, x, nfe=6, as_grid=True, disable=True)
+    assert len(grid) == 7 and float(grid[0]) == float(sigmas[0]) and float(grid[-1]) == 0.0
+    assert set(grid.tolist()) <= set(sigmas.tolist())
+    policy = calibrate(model, "flow_dpmpp_2m", sigmas, x, nfe=6, merge_skipped=True, disable=True)
+    merged, rep = sample_flow_dpmpp_2m(model, x, sigmas, disable=True, skip=policy, merge_skipped=True)
+    assert rep.nfe.tolist() == [6, 6, 6]
+    assert torch.equal(merged, sample_flow_dpmpp_2m(model, x, grid, disable=True)[0])
 
 
 def test_eps_semantics_are_exact_on_a_model_with_linear_eps():

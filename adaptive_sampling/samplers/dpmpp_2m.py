@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from ..report import SkipReport
 from ..runner import Callback, SkipRun
 from .registry import Sampler, register_sampler
 
-__all__ = ["DPMSolverState", "dpmpp_2m_step", "sample_dpmpp_2m"]
+__all__ = ["DPMSolverState", "dpmpp_2m_step", "sample_dpmpp_2m", "merged_loop"]
 
 
 class DPMSolverState(NamedTuple):
@@ -81,7 +81,7 @@ def sample_dpmpp_2m(
     run = SkipRun(model, x, sigmas, extra_args, skip, DPMPP_2M)
     s = run.schedule
     if merge_skipped:
-        return _merged(run, x, s, callback, disable)
+        return merged_loop(run, x, s, callback, disable, dpmpp_2m_step, DPMSolverState)
     state = None
     for i in steps(run.num_steps, disable):
         denoised = run.denoise(i, x, run.sigma_rows(i, x))
@@ -90,10 +90,11 @@ def sample_dpmpp_2m(
     return x, run.finish(x, run.sigma_rows(-1, x))
 
 
-def _merged(run: SkipRun, x, s, callback, disable):
-    """The ``merge_skipped=True`` loop: per-row anchors, and one ``dpmpp_2m_step`` per group of
-    rows that share their anchor's and history's sigmas (so the arithmetic is k-diffusion's,
-    operation for operation, for every row)."""
+def merged_loop(run: SkipRun, x, s, callback, disable, step: Callable, history: Callable):
+    """The ``merge_skipped=True`` loop of a 2M solver: per-row anchors, and one ``step`` per group
+    of rows that share their anchor's and history's sigmas (so the arithmetic is the plain solver's,
+    operation for operation, for every row). ``step(x, sigma, sigma_next, denoised, state)`` is the
+    solver's stepper; ``history(denoised, sigma)`` its state for an x0 estimate made at sigma."""
     B = x.shape[0]
     anchor_x, anchor_d = x.clone(), torch.zeros_like(x)
     prev_d = torch.zeros_like(x)
@@ -112,8 +113,8 @@ def _merged(run: SkipRun, x, s, callback, disable):
         x_next = torch.empty_like(x)
         for a, p in sorted(set(zip(anchor_i.tolist(), prev_i.tolist()))):
             group = torch.from_numpy(np.flatnonzero((anchor_i == a) & (prev_i == p))).to(x.device)
-            state = None if p < 0 else DPMSolverState(prev_d.index_select(0, group), s[p])
-            out, _ = dpmpp_2m_step(anchor_x.index_select(0, group), s[a], s[i + 1], anchor_d.index_select(0, group), state)
+            state = None if p < 0 else history(prev_d.index_select(0, group), s[p])
+            out, _ = step(anchor_x.index_select(0, group), s[a], s[i + 1], anchor_d.index_select(0, group), state)
             x_next.index_copy_(0, group, out)
         x = x_next
     return x, run.finish(x, run.sigma_rows(-1, x))

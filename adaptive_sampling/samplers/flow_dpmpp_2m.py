@@ -19,6 +19,7 @@ import torch
 from ..progress import steps
 from ..report import SkipReport
 from ..runner import Callback, SkipRun
+from .dpmpp_2m import merged_loop
 from .registry import Sampler, register_sampler
 
 __all__ = ["FlowDPMSolverState", "flow_dpmpp_2m_step", "sample_flow_dpmpp_2m"]
@@ -51,6 +52,11 @@ def flow_dpmpp_2m_step(
     return x_next, FlowDPMSolverState(denoised, lam)
 
 
+def _history(denoised: torch.Tensor, s) -> FlowDPMSolverState:
+    """The solver state for an x0 estimate made at level s (as ``flow_dpmpp_2m_step`` records it)."""
+    return FlowDPMSolverState(denoised, _lambda(torch.as_tensor(s, dtype=torch.float64)))
+
+
 @torch.no_grad()
 def sample_flow_dpmpp_2m(
     model,
@@ -61,12 +67,19 @@ def sample_flow_dpmpp_2m(
     disable: bool | None = None,
     *,
     skip=None,
+    merge_skipped: bool = False,
 ) -> tuple[torch.Tensor, SkipReport]:
     """DPM-Solver++(2M) on a flow model ``model(x, s, **extra_args) -> x0`` over the grid ``sigmas``
     (s from at most 1 down to 0). A skipped call's reused eps becomes an x0 estimate at the current
-    latent and s and enters the history as a model output would."""
+    latent and s and enters the history as a model output would. ``merge_skipped=True``: as in
+    ``sample_dpmpp_2m``, a mask with K calls is exactly this solver on the K-point sub-grid of the
+    computed levels (what ``calibrate(..., as_grid=True)`` searches)."""
+    if not isinstance(merge_skipped, bool):
+        raise ValueError(f"merge_skipped must be a bool, got {merge_skipped!r}")
     run = SkipRun(model, x, sigmas, extra_args, skip, FLOW_DPMPP_2M)
     s = run.schedule
+    if merge_skipped:
+        return merged_loop(run, x, s, callback, disable, flow_dpmpp_2m_step, _history)
     state = None
     for i in steps(run.num_steps, disable):
         denoised = run.denoise(i, x, run.sigma_rows(i, x))
