@@ -101,8 +101,8 @@ class Calibrated(SkipPolicy):
     sampler: the sampler it was calibrated for (a sampler with a library loop, e.g. ``"euler"``); ``start``
         refuses any other (module docstring).
     reuse: what skipped calls get (``"copy"`` or ``Extrapolate(...)``), as in the calibration.
-    merge_skipped: calibrated for ``sample_dpmpp_2m(..., merge_skipped=True)``; pass the same flag
-        when sampling (a policy cannot set it).
+    merge_skipped: calibrated for ``sample_dpmpp_2m(..., merge_skipped=True)`` (or
+        ``sample_flow_dpmpp_2m``); pass the same flag when sampling (a policy cannot set it).
     nfe: calls per sample on a grid other than the calibration grid (None: the calibrated
         fraction K / N; see the module docstring). On the calibration grid None means K.
     refine: a scored policy (``LocalError(...)``) for per-sample online refinement within the same
