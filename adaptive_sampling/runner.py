@@ -79,6 +79,22 @@ def check_batch_leading(extra_args: dict, batch: int, name: str = "extra_args") 
     walk(extra_args, name)
 
 
+def check_merge_mode(skip, merge_skipped: bool) -> None:
+    """A schedule calibrated in DPM-Solver++'s merge mode (``merge_skipped=True``) means a different
+    update for its skipped steps than the default mode: replaying it in the other mode would run
+    without error and be silently not what was calibrated, so refuse the mismatch."""
+    calibrated = getattr(skip, "merge_skipped", None)
+    if not isinstance(calibrated, bool) or calibrated == merge_skipped:
+        return
+    if calibrated:
+        raise ValueError(
+            "this schedule was calibrated in DPM-Solver++'s merge mode (merge_skipped=True): replay it with "
+            "sample_dpmpp_2m / sample_flow_dpmpp_2m(..., merge_skipped=True); the diffusers hook and the "
+            "k-diffusion wrapper have no merge mode (calibrate without merge_skipped for them)"
+        )
+    raise ValueError("this schedule was calibrated without the merge mode: sample without merge_skipped=True")
+
+
 class SkipRun:
     """The per-call skipping state. See the module docstring."""
 
@@ -90,6 +106,7 @@ class SkipRun:
         extra_args: dict | None,
         skip: SkipPolicy | None,
         sampler: "str | Sampler",
+        merge_skipped: bool = False,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, sigma, **extra_args), got {type(model).__name__}")
@@ -102,6 +119,7 @@ class SkipRun:
             raise TypeError(f"extra_args must be a dict or None, got {type(extra_args).__name__}")
         if skip is not None:
             check_policy(skip, "skip")
+            check_merge_mode(skip, merge_skipped)
         self.model = model
         self.extra_args = extra_args or {}
         self.sampler = self.spec.name

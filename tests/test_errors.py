@@ -226,3 +226,34 @@ def test_float64_sigmas_meet_a_float32_latent_in_its_dtype(kdiff):
     for sampler in SAMPLERS:
         out, _ = sampler(model, x, SIGMAS, disable=True)
         assert out.dtype == torch.float32
+
+
+def test_a_merge_mode_schedule_is_refused_outside_the_merge_mode(kdiff):
+    """A schedule calibrated with merge_skipped=True means another update for its skipped steps:
+    replayed in the default mode (or a default-mode schedule in the merge mode) it would run and be
+    silently not what was calibrated. The samplers, the k-diffusion wrapper and the diffusers hook
+    refuse the mismatch; the matching mode runs."""
+    from adaptive_sampling import Calibrated
+    from adaptive_sampling.integrations.diffusers import apply
+    from adaptive_sampling.integrations.k_diffusion import adaptive
+
+    from .tiny_pipelines import flux_pipeline
+
+    mask = np.arange(12) % 2 == 0
+    merged = Calibrated(SIGMAS, mask, "dpmpp_2m", merge_skipped=True)
+    plain = Calibrated(SIGMAS, mask, "dpmpp_2m")
+    with pytest.raises(ValueError, match=r"merge mode \(merge_skipped=True\).*merge_skipped=True"):
+        sample_dpmpp_2m(G.denoiser, X, SIGMAS, disable=True, skip=merged)
+    with pytest.raises(ValueError, match="calibrated without the merge mode"):
+        sample_dpmpp_2m(G.denoiser, X, SIGMAS, disable=True, skip=plain, merge_skipped=True)
+    with pytest.raises(ValueError, match="k-diffusion wrapper have no merge mode"):
+        adaptive(kdiff.sample_dpmpp_2m, merged)  # refused when wrapping, before any call
+    pipe = flux_pipeline()
+    with pytest.raises(ValueError, match="diffusers hook"):
+        apply(pipe, skip=merged)
+    assert "progress_bar" not in vars(pipe)  # nothing installed: the hook replaces it when applied
+    registry = getattr(pipe.transformer, "_diffusers_hook", None)
+    assert registry is None or registry.get_hook("adaptive_sampling_skip") is None
+    for policy, merge in ((merged, True), (plain, False)):
+        _, rep = sample_dpmpp_2m(G.denoiser, X, SIGMAS, disable=True, skip=policy, merge_skipped=merge)
+        assert rep.nfe.tolist() == [6, 6]

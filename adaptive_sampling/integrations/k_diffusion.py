@@ -69,7 +69,7 @@ from typing import Any, Callable
 import torch
 
 from ..policies import SkipPolicy, check_policy, default_policy
-from ..runner import SkipRun
+from ..runner import SkipRun, check_merge_mode
 from ..samplers import ancestral_split
 from ..samplers.registry import Sampler, registered
 
@@ -193,6 +193,7 @@ def adaptive(
     if convention == "flow":
         spec = replace(spec, convention="flow", space="flow")
     policy = default_policy() if skip is None else check_policy(skip, "skip")
+    check_merge_mode(policy, merge_skipped=False)  # k-diffusion's loops have no merge mode
     signature = inspect.signature(sampler_fn)
     for needed in ("model", "x", "sigmas", "callback"):
         if needed not in signature.parameters:

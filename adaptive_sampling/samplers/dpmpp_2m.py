@@ -78,7 +78,7 @@ def sample_dpmpp_2m(
     """
     if not isinstance(merge_skipped, bool):
         raise ValueError(f"merge_skipped must be a bool, got {merge_skipped!r}")
-    run = SkipRun(model, x, sigmas, extra_args, skip, DPMPP_2M)
+    run = SkipRun(model, x, sigmas, extra_args, skip, DPMPP_2M, merge_skipped)
     s = run.schedule
     if merge_skipped:
         return merged_loop(run, x, s, callback, disable, dpmpp_2m_step, DPMSolverState)

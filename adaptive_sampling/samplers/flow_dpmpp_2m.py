@@ -76,7 +76,7 @@ def sample_flow_dpmpp_2m(
     computed levels (what ``calibrate(..., as_grid=True)`` searches)."""
     if not isinstance(merge_skipped, bool):
         raise ValueError(f"merge_skipped must be a bool, got {merge_skipped!r}")
-    run = SkipRun(model, x, sigmas, extra_args, skip, FLOW_DPMPP_2M)
+    run = SkipRun(model, x, sigmas, extra_args, skip, FLOW_DPMPP_2M, merge_skipped)
     s = run.schedule
     if merge_skipped:
         return merged_loop(run, x, s, callback, disable, flow_dpmpp_2m_step, _history)

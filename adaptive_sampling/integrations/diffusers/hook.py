@@ -97,6 +97,7 @@ from typing import Any, Callable
 import torch
 
 from ...policies import check_policy, default_policy
+from ...runner import check_merge_mode
 from ..bucketing import check_pad_to
 from .adapter import pipeline_models
 from .loop import Loop
@@ -312,6 +313,7 @@ def apply(pipe: Any, skip: Any = None, *, cfg: bool | None = None, pad_to: Any =
     if not callable(getattr(type(pipe), "progress_bar", None)):
         raise TypeError(f"pipe must be a diffusers pipeline (it has no progress_bar), got {class_name(pipe)}")
     policy = default_policy() if skip is None else check_policy(skip, "skip")
+    check_merge_mode(policy, merge_skipped=False)  # the schedulers' loops have no merge mode
     if cfg is not None and not isinstance(cfg, bool):
         raise TypeError(f"cfg must be True, False or None, got {cfg!r}")
     check_scheduler(getattr(pipe, "scheduler", None), "pipe.scheduler")
