@@ -335,6 +335,14 @@ def phase_batch(quick: bool, repeats: int) -> list:
     return rows
 
 
+def run_meta(threads: int, started: float) -> dict:
+    """What a results file records about its run: the command as typed, machine, threads, versions,
+    commit, date and minutes since ``started`` (``time.perf_counter()``)."""
+    return {"command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": platform.machine(),
+            "threads": threads, "python": platform.python_version(), "torch": torch.__version__, "commit": _commit(),
+            "date": str(date.today()), "minutes": round((time.perf_counter() - started) / 60, 1)}  # fmt: skip
+
+
 def _commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -364,9 +372,7 @@ def main(argv=None) -> int:
         rows += phase_test(wls, args.quick)
     if "batch" in args.phases:
         rows += phase_batch(args.quick, args.repeats)
-    meta = {"command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": platform.machine(),
-            "threads": args.threads, "python": platform.python_version(), "torch": torch.__version__, "commit": _commit(),
-            "date": str(date.today()), "minutes": round((time.perf_counter() - started) / 60, 1)}  # fmt: skip
+    meta = run_meta(args.threads, started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     mode = "a" if args.out.exists() else "w"
     with args.out.open(mode) as f:

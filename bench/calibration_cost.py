@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from budget_study import CAL, TEST, Case, _commit, workloads  # noqa: E402
+from budget_study import CAL, TEST, Case, run_meta, workloads  # noqa: E402
 
 VALIDATION = {"classes": (0, 1, 2, 3, 4), "seeds": (5, 6, 7)}
 
@@ -187,12 +187,7 @@ def main(argv=None) -> int:
 
 
 def write(args, rows: list[dict], started: float) -> str:
-    import platform
-    from datetime import date
-
-    meta = {"command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": platform.machine(),
-            "threads": args.threads, "torch": torch.__version__, "commit": _commit(), "date": str(date.today()),
-            "minutes": round((time.perf_counter() - started) / 60, 1)}  # fmt: skip
+    meta = run_meta(args.threads, started)
     args.out.with_suffix(".jsonl").write_text("\n".join(json.dumps(r) for r in [{"meta": meta}] + rows) + "\n")
     text = report(rows, meta)
     args.out.write_text(text)

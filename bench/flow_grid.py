@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from budget_study import CAL, TEST, Case, _commit, workloads  # noqa: E402
+from budget_study import CAL, TEST, Case, run_meta, workloads  # noqa: E402
 
 from adaptive_sampling import calibrate, default_policy  # noqa: E402
 from adaptive_sampling.calibration import calibration_path  # noqa: E402
@@ -114,7 +112,7 @@ def report(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {m} | {s} | " + " | ".join(cells) + " |")
     gain = [get[("DPM-Solver++ on the calibrated grid", "flow_dpmpp_2m", k)]["truth"]
             - get[("DPM-Solver++ with K steps", "flow_dpmpp_2m", k)]["truth"] for k in ks]  # fmt: skip
-    lines += ["", f"The calibrated grid minus the pipeline's K-step grid, both DPM-Solver++, against the truth: "
+    lines += ["", "The calibrated grid minus the pipeline's K-step grid, both DPM-Solver++, against the truth: "
               + ", ".join(f"{g:+.1f}" for g in gain) + f" dB at K = {', '.join(map(str, ks))}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -129,9 +127,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     started = time.perf_counter()
     rows, info = run(args.quick)
-    meta = {"command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": platform.machine(),
-            "threads": args.threads, "torch": torch.__version__, "commit": _commit(), "date": str(date.today()),
-            "minutes": round((time.perf_counter() - started) / 60, 1), **info}  # fmt: skip
+    meta = {**run_meta(args.threads, started), **info}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".jsonl").write_text("\n".join(json.dumps(r) for r in [{"meta": meta}] + rows) + "\n")
     text = report(rows, meta)
