@@ -64,3 +64,17 @@ class LinearEps:
     @property
     def lipschitz(self):
         return torch.linalg.matrix_norm(self.A, ord=2).item(), self.b.norm().item()
+
+
+def assert_merge_mode_is_the_sub_grid_run(sample, model, x: torch.Tensor, sigmas: torch.Tensor, mask) -> None:
+    """A 2M sampler in merge mode with the per-row boolean ``mask`` [B, N] computes exactly those
+    calls, and each row's output is, bit for bit, the plain solver on that row's sub-grid (its
+    computed sigmas plus the final one)."""
+    from adaptive_sampling import FixedMask
+
+    out, rep = sample(model, x, sigmas, disable=True, skip=FixedMask(mask), merge_skipped=True)
+    assert rep.computed.tolist() == mask.tolist()
+    for b in range(x.shape[0]):
+        sub = torch.cat([sigmas[:-1][torch.from_numpy(mask[b])], sigmas[-1:]])
+        want, _ = sample(model, x[b : b + 1], sub, disable=True)
+        assert torch.equal(out[b : b + 1], want)

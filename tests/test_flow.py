@@ -35,6 +35,7 @@ from adaptive_sampling import (
     sample_flow_euler,
 )
 
+from .helpers import assert_merge_mode_is_the_sub_grid_run
 from .tiny_pipelines import flux_pipeline, sd3_pipeline, wan_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -132,12 +133,7 @@ def test_merged_flow_dpmpp_2m_is_flow_dpmpp_2m_on_the_sub_grid(steps, seed, batc
     mask = rng.random((batch, steps)) < 0.5
     mask[:, 0] = True
     x = torch.randn(batch, 32, generator=torch.Generator().manual_seed(seed))
-    out, rep = sample_flow_dpmpp_2m(model, x, sigmas, disable=True, skip=FixedMask(mask), merge_skipped=True)
-    assert rep.computed.tolist() == mask.tolist()
-    for b in range(batch):
-        sub = torch.cat([sigmas[:-1][torch.from_numpy(mask[b])], sigmas[-1:]])
-        want, _ = sample_flow_dpmpp_2m(model, x[b : b + 1], sub, disable=True)
-        assert torch.equal(out[b : b + 1], want)
+    assert_merge_mode_is_the_sub_grid_run(sample_flow_dpmpp_2m, model, x, sigmas, mask)
 
 
 def test_flow_dpmpp_2m_merge_mode_checks_and_calibrated_grid():

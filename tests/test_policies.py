@@ -20,7 +20,7 @@ from adaptive_sampling import (
 from adaptive_sampling.policies import Controller, SkipPolicy, make_reuse
 from adaptive_sampling.policies.reuse import ExtrapolateState
 
-from .helpers import CountingModel, LinearEps, MLPDenoiser, gaussian
+from .helpers import CountingModel, LinearEps, MLPDenoiser, assert_merge_mode_is_the_sub_grid_run, gaussian
 
 SAMPLERS = {"ddim": sample_ddim, "euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
 
@@ -361,12 +361,7 @@ def test_merged_dpmpp_2m_is_dpmpp_2m_on_the_sub_grid(steps, seed, batch):
     mask = rng.random((batch, steps)) < 0.5
     mask[:, 0] = True
     x = gaussian().noise(batch, 14.6, seed=seed)
-    out, rep = sample_dpmpp_2m(model, x, sigmas, disable=True, skip=FixedMask(mask), merge_skipped=True)
-    assert rep.computed.tolist() == mask.tolist()
-    for b in range(batch):
-        sub = torch.cat([sigmas[:-1][torch.from_numpy(mask[b])], sigmas[-1:]])
-        want, _ = sample_dpmpp_2m(model, x[b : b + 1], sub, disable=True)
-        assert torch.equal(out[b : b + 1], want)
+    assert_merge_mode_is_the_sub_grid_run(sample_dpmpp_2m, model, x, sigmas, mask)
 
 
 def test_merged_dpmpp_2m_matches_k_diffusion_on_the_sub_grid(kdiff):
