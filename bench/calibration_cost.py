@@ -40,13 +40,12 @@ sys.path.insert(0, str(ROOT))
 
 from budget_study import CAL, TEST, Case, run_meta, workloads  # noqa: E402
 
-VALIDATION = {"classes": (0, 1, 2, 3, 4), "seeds": (5, 6, 7)}
-
 from adaptive_sampling import FixedMask, calibrate  # noqa: E402
 from adaptive_sampling.calibration import calibration_path  # noqa: E402
 from adaptive_sampling.evaluation import psnr, uniform_mask  # noqa: E402
 
 KS = (15, 20, 25, 30)
+VALIDATION = {"classes": (0, 1, 2, 3, 4), "seeds": (5, 6, 7)}  # for the design rows: neither calibration nor test
 N = 50
 RESULTS = ROOT / "bench" / "results"
 

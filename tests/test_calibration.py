@@ -256,7 +256,6 @@ def test_a_seconds_budget_still_gives_k_calls():
     assert short.provenance["full_run_equivalents"] == 2.0 < full.provenance["full_run_equivalents"] <= 9  # the full run + one observation
 
 
-
 def test_the_proxy_keeps_the_best_mask_it_observed_and_counts_its_runs():
     """The proxy observes one mask per gain scale (then refines): the mask it returns costs no more, on
     the calibration latents, than the one any single scale finds, and its row-evaluations are the full
@@ -281,6 +280,7 @@ def test_the_proxy_keeps_the_best_mask_it_observed_and_counts_its_runs():
         single, _, one = proxy_path(sample_euler, model, x, sigmas, 8, y, reuse=Extrapolate(1), scales=(scale,), iterations=0)
         assert one["observed"] == 1
         assert best <= cost(single) * (1 + 1e-9), scale
+
 
 @pytest.mark.parametrize(
     "make, match",
