@@ -28,7 +28,8 @@ How good it is (``bench/results/flow_training.md``): its velocity error on fresh
 the exact Gaussian-pixel predictor's at s = 0.05 to 0.6; 52% of 50-step samples at true CFG 4 (56% at
 6) are their class for the shipped classifier (the shapes UNet reaches 80%): the coarse shapes (disk,
 ring, square, frame) come out, the fine ones (triangle, star, crescent) mostly do not. A weaker
-model than the UNet, but a trained flow transformer with the pipeline, scheduler, CFG and block
+model than the UNet (a second run with twice the learning rate and 1.7x the steps reached 58%:
+``bench/results/flow_training_lr2e-3.md``), but a trained flow transformer with the pipeline, scheduler, CFG and block
 structure the caches were built for, which is what the comparisons need.
 
     from adaptive_sampling.evaluation.workloads import flow
