@@ -24,7 +24,7 @@ from adaptive_sampling import (
 )
 from adaptive_sampling.evaluation.baselines import uniform_mask
 from adaptive_sampling.calibration import calibration_path
-from adaptive_sampling.calibration.proxy import GAIN_SCALES, proxy_path, proxy_runs
+from adaptive_sampling.calibration.proxy import GAIN_SCALES, _hat_basis, _Proxy, fit_gain, proxy_path, proxy_runs
 from adaptive_sampling.policies.calibrated import map_schedule
 from adaptive_sampling.evaluation.workloads.digits import DigitsOptimalDenoiser
 
@@ -253,13 +253,14 @@ def test_a_seconds_budget_still_gives_k_calls():
     full = calibrate(model, "euler", sigmas, x, extra, nfe=6, disable=True, method="proxy")
     short = calibrate(model, "euler", sigmas, x, extra, nfe=6, seconds=1e-9, disable=True, method="proxy")
     assert short.calls == full.calls == 6
-    assert short.provenance["full_run_equivalents"] == 2.0 < full.provenance["full_run_equivalents"] <= 9  # the full run + one observation
+    # the seconds-bound search: the full run and one observation
+    assert short.provenance["full_run_equivalents"] == 2.0 < full.provenance["full_run_equivalents"] <= proxy_runs(1)
 
 
 def test_the_proxy_keeps_the_best_mask_it_observed_and_counts_its_runs():
-    """The proxy observes one mask per gain scale (then refines): the mask it returns costs no more, on
-    the calibration latents, than the one any single scale finds, and its row-evaluations are the full
-    run plus one run per mask observed, at most proxy_runs(iterations)."""
+    """The proxy observes one mask per gain scale (then fits the gain, then refines): the mask it returns
+    costs no more, on the calibration latents, than the one any single scale finds, and its
+    row-evaluations are the full run plus one run per mask observed, at most proxy_runs(iterations)."""
     model = DigitsOptimalDenoiser()
     sigmas = get_sigmas_karras(20, 0.05, 20.0)
     x = torch.randn(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 20.0
@@ -274,12 +275,65 @@ def test_the_proxy_keeps_the_best_mask_it_observed_and_counts_its_runs():
     path, ref, info = proxy_path(sample_euler, model, x, sigmas, 8, y, reuse=Extrapolate(1))
     assert torch.equal(ref, reference)
     assert path.evaluations == (1 + info["observed"]) * 3 * 20
-    assert 1 <= info["observed"] <= proxy_runs(2) - 1 and info["scale"] in GAIN_SCALES
+    assert 1 <= info["observed"] <= proxy_runs(1) - 1 and (info["gain"] in GAIN_SCALES or info["gain"] == "fitted")
     best = cost(path)
     for scale in GAIN_SCALES:
-        single, _, one = proxy_path(sample_euler, model, x, sigmas, 8, y, reuse=Extrapolate(1), scales=(scale,), iterations=0)
+        single, _, one = proxy_path(sample_euler, model, x, sigmas, 8, y, reuse=Extrapolate(1), scales=(scale,), fits=0, iterations=0)
         assert one["observed"] == 1
         assert best <= cost(single) * (1 + 1e-9), scale
+
+
+def _fit_case(seed: int, steps: int, skip_from: int):
+    """Random eps tables of 3 masks skipping alternate steps from ``skip_from`` on, and the hat basis."""
+    g = torch.Generator().manual_seed(seed)
+    sigmas = get_sigmas_karras(steps, 0.02, 20.0).double().numpy()
+    masks = []
+    for phase in range(3):
+        mask = np.ones(steps, dtype=bool)
+        mask[skip_from + phase :: 3] = False
+        mask[0] = True
+        masks.append(mask)
+    tables = [torch.randn(steps, 2, 5, dtype=torch.float64, generator=g) for _ in masks]
+    return sigmas, masks, tables, _hat_basis(sigmas, 4)
+
+
+def _observations(sigmas, masks, tables, gain, reference):
+    """Each mask's output as the proxy models it exactly: reference + sum_k gain_k * (-|dsigma| (eps_hat - E))."""
+    observed = []
+    for mask, table in zip(masks, tables):
+        proxy = _Proxy(table, sigmas, True, gain)
+        out = reference - proxy.errors(mask, range(len(mask)))
+        observed.append({"mask": mask, "table": table, "out": out})
+    return observed
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(12, 30), st.lists(st.floats(0.05, 2.0), min_size=4, max_size=4))
+def test_the_fitted_gain_recovers_a_gain_the_observations_follow(seed, steps, knot_gains):
+    """Outputs made exactly as the proxy models them, with a gain piecewise linear in log sigma on the
+    fit's own knots: the fit returns that gain (within 0.01: the ridge pulls weakly informed knots toward the prior)."""
+    sigmas, masks, tables, phi = _fit_case(seed, steps, skip_from=1)
+    true_gain = phi @ np.array(knot_gains)
+    reference = torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    observed = _observations(sigmas, masks, tables, true_gain, reference)
+    fitted = fit_gain(observed, sigmas, True, reference, prior=np.ones(steps), knots=4)
+    np.testing.assert_allclose(fitted, true_gain, rtol=0, atol=0.01)
+
+
+def test_the_fitted_gain_keeps_the_prior_where_no_skip_informs_it():
+    """Masks that never skip the first half of the grid say nothing of the gain at high sigma: there the
+    fit keeps the prior (the best mask's gain) instead of an arbitrary value, and is >= 1e-3."""
+    steps = 24
+    sigmas, masks, tables, phi = _fit_case(3, steps, skip_from=steps * 3 // 4)
+    informed = phi[[k for m in masks for k in np.flatnonzero(~m)]].sum(0) > 0
+    assert not informed.all() and informed.any()
+    reference = torch.zeros(2, 5, dtype=torch.float64)
+    observed = _observations(sigmas, masks, tables, np.full(steps, 0.3), reference)
+    prior = np.full(steps, 0.8)
+    fitted = fit_gain(observed, sigmas, True, reference, prior=prior, knots=4)
+    pure = phi[:, ~informed].sum(1) > 1 - 1e-12  # steps whose sigma lies only on uninformed knots
+    assert pure.any()
+    np.testing.assert_allclose(fitted[pure], 0.8, rtol=1e-3)
+    assert (fitted >= 1e-3).all()
 
 
 @pytest.mark.parametrize(

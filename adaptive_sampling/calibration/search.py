@@ -44,7 +44,7 @@ from ..policies.reuse import Copy, Extrapolate, Reuse, make_reuse, reuse_to_dict
 from ..progress import Bar
 from ..samplers.registry import get_sampler
 from .greedy import GreedyPath, greedy_path
-from .proxy import GAIN_SCALES, proxy_path
+from .proxy import proxy_path, proxy_runs
 
 __all__ = ["calibrate", "calibration_path", "CalibrationPath", "AGGREGATES", "METHODS", "DEFAULT_REUSE"]
 
@@ -116,7 +116,7 @@ def calibration_path(
     seconds: float | None = None,
     disable: bool | None = None,
     method: str | None = None,
-    iterations: int = 2,
+    iterations: int = 1,
 ) -> CalibrationPath:
     """Run the calibration search once, down to ``min_calls`` calls per sample (see ``calibrate``)."""
     entry = get_sampler(sampler, runnable=True)
@@ -141,11 +141,11 @@ def calibration_path(
     started = time.perf_counter()
     notes = {}
     if method == "proxy":
-        with Bar(len(GAIN_SCALES) + iterations, f"calibrate {sampler} (proxy)", disable) as bar:  # after the full run
+        with Bar(proxy_runs(iterations) - 1, f"calibrate {sampler} (proxy)", disable) as bar:  # after the full run
             path, _, info = proxy_path(sample, model, x, sigmas, min_calls, extra_args, warmup=warmup, reuse=reuse,
                                        convention=entry.convention, iterations=iterations, progress=bar.update,
                                        seconds=seconds)  # fmt: skip
-        notes = {"proxy_gain_scale": info["scale"], "proxy_masks_observed": info["observed"]}
+        notes = {"proxy_gain": info["gain"], "proxy_masks_observed": info["observed"]}
     else:
         reference, _ = sample(model, x, sigmas, extra_args, disable=True)
         with Bar(n - min_calls, f"calibrate {sampler} (greedy)", disable) as bar:
@@ -206,7 +206,7 @@ def calibrate(
     seconds: float | None = None,
     disable: bool | None = None,
     method: str | None = None,
-    iterations: int = 2,
+    iterations: int = 1,
 ) -> Calibrated | torch.Tensor:
     """A skip schedule with ``nfe`` calls per sample, searched on the calibration latents ``x``.
 
@@ -227,15 +227,15 @@ def calibrate(
         ``exact_rounds`` says how many rounds ran in full). Proxy: no observation run starts after
         it (the full run and the first observation always run: 2 sampling runs).
     method: ``"proxy"`` (``calibration/proxy.py``: greedy on a measured error proxy, at most
-        ``proxy_runs(iterations)`` sampling runs of the calibration batch, 9 by default; the
-        provenance records the gain scale it chose), ``"greedy"`` (the exact greedy search,
+        ``proxy_runs(iterations)`` sampling runs of the calibration batch, 10 by default; the
+        provenance records the gain that chose its schedule), ``"greedy"`` (the exact greedy search,
         hundreds of runs), or None: proxy wherever it applies (the mean-error aggregate, copy or
         Extrapolate(1) reuse, no merge mode), greedy otherwise (a DPM-Solver++ grid,
         ``aggregate="frequency"``).
 
-    iterations: the proxy's refinement rounds after its one observation per gain scale.
+    iterations: the proxy's refinement rounds after its observations per gain scale and gain fit.
 
-    Cost: proxy, at most ``len(GAIN_SCALES) + iterations + 1`` sampling runs' worth of calls (9 by
+    Cost: proxy, at most ``proxy_runs(iterations)`` sampling runs' worth of calls (10 by
     default, whatever N and nfe; fewer where candidate masks coincide). Greedy: the full-step run
     of the calibration samples, then one batched sampler call per round (N - nfe rounds), each
     running every candidate drop of every sample with trajectory prefixes shared: about

@@ -50,7 +50,7 @@ METHODS = {  # evaluate's (method, policy) -> the name the report uses
 }
 
 
-def plan_calls(steps: int, nfe: int, n_cal: int, n_test: int, iterations: int = 2, curves: bool = True) -> dict:
+def plan_calls(steps: int, nfe: int, n_cal: int, n_test: int, iterations: int = 1, curves: bool = True) -> dict:
     """Model calls (denoiser rows; a guided row is one call) each stage will make, at most: for ``--dry-run``.
     ``iterations=None``: no calibration (a resumed run)."""
     calibration = 0 if iterations is None else n_cal * steps * proxy_runs(iterations)
@@ -140,7 +140,7 @@ def tune(
     nfe: int,
     cal_args: dict | None = None,
     test_args: dict | None = None,
-    iterations: int = 2,
+    iterations: int = 1,
     method: str | None = None,
     curves: bool = True,
     seconds: float | None = None,

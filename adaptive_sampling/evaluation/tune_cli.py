@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     prompts, n_cal, nfe = plan["prompts"], plan["n_cal"], plan["nfe"]
     cal_prompts, test_prompts = prompts[:n_cal], prompts[n_cal:]
     calls = plan_calls(args.steps, nfe, n_cal * args.batch, len(test_prompts) * args.batch,
-                       iterations=None if args.resume else 2)  # fmt: skip
+                       iterations=None if args.resume else 1)  # fmt: skip
     print(f"tune: {args.pipeline}, {args.steps} steps, budget {nfe} calls per image ({args.steps / nfe:.2f}x)")
     print(f"  calibration prompts ({len(cal_prompts)}): {cal_prompts}")
     print(f"  test prompts ({len(test_prompts)}), held out: {test_prompts}")
