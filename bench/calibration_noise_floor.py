@@ -4,7 +4,7 @@ under calibration_cost.py's "within 1 dB of greedy" target.
     python bench/calibration_noise_floor.py [--workloads digits shapes] [--quick] [--out PATH]
 
 calibration_cost.py compares the proxy schedule with the greedy one, each calibrated on one small
-batch (digits 10 samples, shapes 5), on 15 held-out test samples. Part of any difference is the
+batch (digits 20 samples, shapes 5), on the held-out test samples (digits 30, shapes 15). Part of any difference is the
 search, part is which batch each search happened to see. This script measures the second part:
 per workload, sampler and K, the greedy AND the proxy search on batch A (calibration_cost.py's:
 classes 0-4, seeds 1-2; shapes seed 1) and on a disjoint batch B (classes 0-4, seeds 8-9; shapes

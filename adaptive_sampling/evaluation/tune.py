@@ -9,7 +9,7 @@ for research repos that hold a k-diffusion-convention model themselves::
     print(result.verdict)
 
 Steps: (1) ``calibrate`` a schedule with ``nfe`` calls on the calibration latents (the proxy
-search: at most 9 sampling runs of them); (2) ``evaluate`` on the test latents, at the calls each
+search: at most 10 sampling runs of them); (2) ``evaluate`` on the test latents, at the calls each
 option spends: ``default_policy(nfe=...)`` (the online knob), the calibrated schedule, the paper's
 rule (``ThirdOrder()``, which decides its own calls), and the baselines at the same calls (uniform
 stride, fewer steps, DPM-Solver++ with as many steps), against the full-step output of the same

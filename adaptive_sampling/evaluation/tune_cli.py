@@ -57,7 +57,7 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=1, help="images per prompt (seeds --seed, --seed + 1, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration-prompts", type=int, default=None, help="how many prompts calibrate (default: half)")
-    p.add_argument("--calibration", choices=("proxy", "greedy"), default="proxy", help="the search (default proxy: at most 9 runs of the calibration prompts)")
+    p.add_argument("--calibration", choices=("proxy", "greedy"), default="proxy", help="the search (default proxy: at most 10 runs of the calibration prompts)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop between stages once this much time has passed")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the model calls, run nothing")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
