@@ -2,7 +2,7 @@
 
     python bench/calibration_cost.py [--workloads digits shapes flow] [--samplers ...] [--no-validation] [--quick] [--out PATH]
 
-Measured alone at two threads on this project's 2-core CPU: digits + shapes 17.2 min; flow 14 min per
+Measured alone at two threads on this project's 2-core CPU: digits + shapes 13.8 min; flow 10-11 min per
 sampler (results/calibration_cost.md, calibration_cost_flow.md, calibration_cost_flow_dpmpp.md).
 
 Per learned workload (digits MLP, Karras grid; shapes UNet, SD's leading DDPM grid; the flow transformer,
