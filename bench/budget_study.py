@@ -343,6 +343,16 @@ def run_meta(threads: int, started: float) -> dict:
             "date": str(date.today()), "minutes": round((time.perf_counter() - started) / 60, 1)}  # fmt: skip
 
 
+def write_results(out: Path, meta: dict, rows: list[dict], report) -> str:
+    """Write ``out`` (the markdown ``report(rows, meta)``) and its ``.jsonl`` twin (the meta, then one row per
+    line); return the markdown. Called after every finished part, so a stopped run keeps what it finished."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".jsonl").write_text("\n".join(json.dumps(r) for r in [{"meta": meta}] + rows) + "\n")
+    text = report(rows, meta)
+    out.write_text(text)
+    return text
+
+
 def _commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()

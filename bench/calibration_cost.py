@@ -27,7 +27,6 @@ Target (issue 21): the proxy schedule within 1 dB of the greedy one at <= 10 ful
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from budget_study import CAL, TEST, Case, run_meta, workloads  # noqa: E402
+from budget_study import CAL, TEST, Case, run_meta, workloads, write_results  # noqa: E402
 
 from adaptive_sampling import FixedMask, calibrate  # noqa: E402
 from adaptive_sampling.calibration import calibration_path  # noqa: E402
@@ -92,11 +91,18 @@ def _proxy_variant(wl, sampler: str, sigmas, x_cal, y, k: int, kwargs: dict):
     return CalibrationPath(sigmas, sampler, DEFAULT_REUSE, False, "mean_error", path, prov).policy(k)
 
 
+def calibration_latents(wl, case: Case, split: dict, quick: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration batch of ``split`` (digits: every seed; shapes, flow and ``quick``: the first seed
+    only): its initial latents as ``case``'s sampler takes them, and its labels."""
+    if wl.name != "digits" or quick:
+        split = {**split, "seeds": split["seeds"][:1]}
+    x_noise, y = wl.noise(split)
+    return (x_noise if case.flow else x_noise * case.sigmas[0]), y
+
+
 def run(wl, sampler: str, quick: bool, validate: bool) -> list[dict]:
-    cal_split = CAL if wl.name == "digits" and not quick else {**CAL, "seeds": CAL["seeds"][:1]}
-    x_noise, y = wl.noise(cal_split)
     case = Case(wl, TEST, sampler, N)
-    x_cal = x_noise if case.flow else x_noise * case.sigmas[0]
+    x_cal, y = calibration_latents(wl, case, CAL, quick)
     rows = []
     t0 = time.perf_counter()
     path = calibration_path(wl.model, sampler, case.sigmas, x_cal, {"y": y}, min_calls=min(KS), method="greedy", disable=True)
@@ -188,7 +194,6 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     started = time.perf_counter()
     rows = []
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name, wl in workloads(args.workloads, args.quick).items():
         for sampler in ("euler", "dpmpp_2m") if name != "flow" else ("flow_euler", "flow_dpmpp_2m"):
             if args.samplers and sampler not in args.samplers:
@@ -200,11 +205,7 @@ def main(argv=None) -> int:
 
 
 def write(args, rows: list[dict], started: float) -> str:
-    meta = run_meta(args.threads, started)
-    args.out.with_suffix(".jsonl").write_text("\n".join(json.dumps(r) for r in [{"meta": meta}] + rows) + "\n")
-    text = report(rows, meta)
-    args.out.write_text(text)
-    return text
+    return write_results(args.out, run_meta(args.threads, started), rows, report)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ comparison calibration_cost.py reports on batch A.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,32 +30,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from budget_study import CAL, TEST, Case, run_meta, workloads  # noqa: E402
+from budget_study import CAL, TEST, Case, run_meta, workloads, write_results  # noqa: E402
+from calibration_cost import KS, N, RESULTS, calibration_latents  # noqa: E402  (batch A is calibration_cost's by construction)
 
 from adaptive_sampling import calibrate  # noqa: E402
 from adaptive_sampling.calibration import calibration_path  # noqa: E402
 from adaptive_sampling.evaluation import psnr  # noqa: E402
 from adaptive_sampling.progress import Bar  # noqa: E402
 
-KS = (15, 20, 25, 30)
-N = 50
 CAL_B = {"classes": (0, 1, 2, 3, 4), "seeds": (8, 9)}  # disjoint from CAL, the validation seeds (5-7) and TEST
-RESULTS = ROOT / "bench" / "results"
-
-
-def batch(wl, split: dict, quick: bool):
-    """The calibration batch of ``split`` as calibration_cost.py takes it (shapes and flow: the first seed only)."""
-    if wl.name != "digits" or quick:
-        split = {**split, "seeds": split["seeds"][:1]}
-    return wl.noise(split)
 
 
 def run(wl, sampler: str, quick: bool, bar) -> list[dict]:
     case = Case(wl, TEST, sampler, N)
     rows = []
     for name, split in (("A", CAL), ("B", CAL_B)):
-        x_noise, y = batch(wl, split, quick)
-        x_cal = x_noise if case.flow else x_noise * case.sigmas[0]
+        x_cal, y = calibration_latents(wl, case, split, quick)
         path = calibration_path(wl.model, sampler, case.sigmas, x_cal, {"y": y}, min_calls=min(KS), method="greedy", disable=True)
         bar.update(1)
         for k in KS:
@@ -124,17 +113,13 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     started = time.perf_counter()
     rows: list[dict] = []
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     wls = workloads(args.workloads, args.quick)
     samplers = {name: ("euler", "dpmpp_2m") if name != "flow" else ("flow_euler", "flow_dpmpp_2m") for name in wls}
     with Bar(sum(len(s) for s in samplers.values()) * 2 * (1 + len(KS)), "noise floor") as bar:
         for name, wl in wls.items():
             for sampler in samplers[name]:
                 rows += run(wl, sampler, args.quick, bar)
-                meta = run_meta(args.threads, started)
-                args.out.with_suffix(".jsonl").write_text("\n".join(json.dumps(r) for r in [{"meta": meta}] + rows) + "\n")
-                text = report(rows, meta)
-                args.out.write_text(text)  # after every sampler: a stopped run keeps what it finished
+                text = write_results(args.out, run_meta(args.threads, started), rows, report)  # after every sampler
     print(text)
     return 0
 

@@ -23,7 +23,6 @@ for the DPM-Solver++ rows, flow Euler for the Euler rows).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from budget_study import CAL, TEST, Case, run_meta, workloads  # noqa: E402
+from budget_study import CAL, TEST, Case, run_meta, workloads, write_results  # noqa: E402
 
 from adaptive_sampling import calibrate, default_policy  # noqa: E402
 from adaptive_sampling.calibration import calibration_path  # noqa: E402
@@ -128,10 +127,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     rows, info = run(args.quick)
     meta = {**run_meta(args.threads, started), **info}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".jsonl").write_text("\n".join(json.dumps(r) for r in [{"meta": meta}] + rows) + "\n")
-    text = report(rows, meta)
-    args.out.write_text(text)
+    text = write_results(args.out, meta, rows, report)
     print(text)
     return 0
 
